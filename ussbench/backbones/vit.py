@@ -1,0 +1,234 @@
+"""Frozen timm ViT feature extractor: patch tokens, last-block keys, CLS token and CLS attention.
+
+Position embeddings are resampled to each image's patch grid with bicubic interpolation (align_corners
+False, no antialias), once per grid size; this is the one interpolation ussbench uses for every ViT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..base import Backbone, Dataset, FeatureSet, ImageFeatures
+from ..errors import BackboneWeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ViTExtractor(torch.nn.Module):
+    """Wraps a timm VisionTransformer and returns every output the USS stages use in one forward."""
+
+    def __init__(self, vit: torch.nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.num_heads = int(vit.blocks[-1].attn.num_heads)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        n_prefix = int(getattr(vit, "num_prefix_tokens", 1))
+        if n_prefix != 1:
+            raise ValueError(f"only ViTs with exactly one CLS prefix token are supported (got {n_prefix})")
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        key = (h, w)
+        if key not in self._pos_cache:
+            pos = self.vit.pos_embed
+            cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+            side = int(round(patch_pos.shape[1] ** 0.5))
+            grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+            if (side, side) != (h, w):
+                grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
+            patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)
+            self._pos_cache[key] = torch.cat([cls_pos, patch_pos], dim=1)
+        return self._pos_cache[key]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W), H and W multiples of the patch size -> dict of (B, ...) outputs."""
+        B, _, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        h, w = H // p, W // p
+        vit = self.vit
+        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # B, hw, C
+        if getattr(vit.patch_embed, "norm", None) is not None:
+            x = vit.patch_embed.norm(x)
+        x = torch.cat([vit.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        x = x + self._pos_embed(h, w).to(x.dtype)
+        x = vit.norm_pre(vit.pos_drop(x))
+        for blk in vit.blocks[:-1]:
+            x = blk(x)
+        last = vit.blocks[-1]
+        attn = last.attn
+        qkv = attn.qkv(last.norm1(x)).reshape(B, x.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # B, heads, N, hd
+        cls_attn = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, 1:]  # B, heads, hw
+        x = vit.norm(last(x))
+        C = x.shape[-1]
+        return {
+            "tokens": x[:, 1:].reshape(B, h, w, C),
+            "keys": k[:, :, 1:].permute(0, 2, 1, 3).reshape(B, h, w, -1),
+            "cls": x[:, 0],
+            "attn": cls_attn.reshape(B, attn.num_heads, h, w),
+        }
+
+
+def target_size(height: int, width: int, short_side: int, patch: int) -> tuple[int, int]:
+    """Resize target keeping aspect: short side ~ ``short_side``, each side a multiple of the patch size."""
+    scale = short_side / min(height, width)
+    return (max(1, round(height * scale / patch)) * patch, max(1, round(width * scale / patch)) * patch)
+
+
+def normalise(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (H, W, 3) -> ImageNet-normalised float (3, size) with bilinear antialiased resizing."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)[None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((t - mean) / std)[0]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_official_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """Read a DINO / DINOv2 checkpoint in the official layout (plain, or a training checkpoint's teacher)."""
+    if not path.is_file():
+        raise BackboneWeightsError(
+            f"weights file {str(path)!r} for backbone {name!r} does not exist; download the official "
+            f"checkpoint on a machine with internet and pass its path as the backbone's 'weights' parameter"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("teacher", "state_dict", "model"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith("head.") or key == "mask_token":
+            continue
+        cleaned[key] = value.float()
+    return cleaned
+
+
+class TimmViTBackbone(Backbone):
+    """Base for frozen timm ViTs; subclasses choose the architecture and where the weights come from."""
+
+    arch: str = ""
+    timm_kwargs: dict[str, Any] = {}
+
+    def __init__(self, resolution: int = 224, batch_size: int = 32, cache_dir: str | None = None):
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self._model: ViTExtractor | None = None
+        self._device: torch.device | None = None
+
+    # -- weights --------------------------------------------------------------------------------------
+    def state_dict_for_model(self) -> dict[str, torch.Tensor] | None:
+        """Weights to load strictly into the timm model; None keeps random initialisation."""
+        raise NotImplementedError
+
+    def weights_identity(self) -> str:
+        """A string identifying the weights (a checksum) for the feature cache key."""
+        raise NotImplementedError
+
+    def _build(self) -> ViTExtractor:
+        vit = timm.create_model(self.arch, pretrained=False, num_classes=0, **self.timm_kwargs)
+        state = self.state_dict_for_model()
+        if state is not None:
+            missing, unexpected = vit.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise BackboneWeightsError(
+                    f"weights for {self.plugin_name!r} do not fit timm {self.arch!r}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+        return ViTExtractor(vit.eval())
+
+    # -- Backbone API ---------------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:  # type: ignore[override]
+        return self._arch_patch()
+
+    def _arch_patch(self) -> int:
+        return int(self.arch.split("patch")[1].split("_")[0])
+
+    def model(self, device: torch.device) -> ViTExtractor:
+        if self._model is None:
+            self._model = self._build()
+        if self._device != device:
+            self._model = self._model.to(device)
+            self._model._pos_cache.clear()
+            self._device = device
+        return self._model
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        return normalise(
+            image, target_size(image.shape[0], image.shape[1], self.resolution, self._arch_patch())
+        )
+
+    def cache_identity(self) -> dict[str, Any]:
+        ident = super().cache_identity()
+        ident["params"] = {k: v for k, v in ident["params"].items() if k not in ("batch_size", "cache_dir")}
+        ident["weights"] = self.weights_identity()
+        ident["arch"] = self.arch
+        return ident
+
+    def extract(self, dataset: Dataset, device: torch.device, progress: bool = True) -> FeatureSet:
+        model = self.model(device)
+        n = len(dataset)
+        images = [dataset.load_image(i) for i in range(n)]
+        ids = dataset.ids()
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, im in enumerate(images):
+            groups[target_size(im.shape[0], im.shape[1], self.resolution, self._arch_patch())].append(i)
+        out: list[ImageFeatures | None] = [None] * n
+        use_amp = device.type == "cuda"
+        bar = tqdm(total=n, desc=f"features {self.plugin_name}", disable=not progress, unit="img")
+        for size, members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                batch = torch.stack([normalise(images[i], size) for i in chunk]).to(device)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    res = model(batch)
+                for j, i in enumerate(chunk):
+                    out[i] = ImageFeatures(
+                        image_id=ids[i],
+                        tokens=res["tokens"][j].to("cpu", torch.float16),
+                        keys=res["keys"][j].to("cpu", torch.float16),
+                        cls=res["cls"][j].to("cpu", torch.float16),
+                        attn=res["attn"][j].to("cpu", torch.float16),
+                        image_size=(int(images[i].shape[0]), int(images[i].shape[1])),
+                    )
+                bar.update(len(chunk))
+        bar.close()
+        return FeatureSet(
+            images=[f for f in out if f is not None],
+            backbone=self.report_name or self.plugin_name,
+            patch_size=self._arch_patch(),
+            embed_dim=int(out[0].tokens.shape[-1]) if out and out[0] is not None else 0,
+            meta={"resolution": self.resolution, "arch": self.arch},
+        )

@@ -1,0 +1,80 @@
+"""Shared readers for datasets stored as paired image / label-PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def resolve_root(root: str | None, data_root: str | None, default_subdir: str, dataset: str) -> Path:
+    """The dataset folder: ``root`` if given (relative to data_root when relative), else data_root/default."""
+    if root is not None:
+        path = Path(root).expanduser()
+        if not path.is_absolute() and data_root is not None:
+            path = Path(data_root).expanduser() / path
+    elif data_root is not None:
+        path = Path(data_root).expanduser() / default_subdir
+    else:
+        raise DataError(
+            f"dataset {dataset!r} needs 'root' or a data root (--data-root / data_root: in the grid)"
+        )
+    if not path.is_dir():
+        raise DataError(
+            f"dataset {dataset!r}: folder {str(path)!r} does not exist (expected {default_subdir}/ "
+            f"under the data root)"
+        )
+    return path
+
+
+def paired_files(
+    images_dir: Path, labels_dir: Path, label_suffix: str = ".png"
+) -> list[tuple[str, Path, Path]]:
+    """(id, image path, label path) for every image whose label exists, sorted by id; missing labels fail."""
+    if not images_dir.is_dir():
+        raise DataError(f"image folder {str(images_dir)!r} does not exist")
+    if not labels_dir.is_dir():
+        raise DataError(f"label folder {str(labels_dir)!r} does not exist")
+    pairs = []
+    for img in sorted(images_dir.iterdir()):
+        if img.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        lab = labels_dir / (img.stem + label_suffix)
+        if not lab.is_file():
+            raise DataError(f"label file {str(lab)!r} for image {img.name!r} does not exist")
+        pairs.append((img.stem, img, lab))
+    return pairs
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); unreadable files raise DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Raw label values (H, W) as int64 from a single-channel (or palette) PNG."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(
+                    f"label file {str(path)!r} has mode {im.mode!r}; expected a single-channel PNG"
+                )
+            return np.asarray(im, dtype=np.int64).copy()
+    except OSError as exc:
+        raise DataError(f"cannot read label {str(path)!r}: {exc}") from exc
+
+
+def remap(raw: np.ndarray, table: np.ndarray, path: Path) -> np.ndarray:
+    """Map raw label values through a lookup table (-1 = ignore); values outside the table fail clearly."""
+    if raw.size and (raw.min() < 0 or raw.max() >= len(table)):
+        raise DataError(f"label file {str(path)!r} has value {int(raw.max())} outside 0..{len(table) - 1}")
+    return table[raw]

@@ -1,0 +1,61 @@
+"""Any folder of images with same-named single-channel PNG label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..base import Dataset
+from ..errors import ConfigError
+from ..registry import register
+from ._common import paired_files, read_label_png, read_rgb, remap, resolve_root
+
+
+@register("dataset", "image_folder")
+class ImageMaskFolder(Dataset):
+    """<root>/<images_dir>/<name>.{jpg,png} + <root>/<labels_dir>/<name>.png with values 0..num_classes-1."""
+
+    description = "generic image + mask folder"
+
+    def __init__(
+        self,
+        num_classes: int,
+        root: str | None = None,
+        data_root: str | None = None,
+        images_dir: str = "images",
+        labels_dir: str = "labels",
+        ignore_index: int = 255,
+        class_names: list[str] | None = None,
+        limit: int | None = None,
+    ):
+        if num_classes < 1:
+            raise ConfigError(f"image_folder: num_classes must be >= 1, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"image_folder: {len(class_names)} class_names for num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.root = root
+        self.data_root = data_root
+        self.images_dir = images_dir
+        self.labels_dir = labels_dir
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.limit = limit
+        self._table = np.full(max(256, ignore_index + 1), -1, dtype=np.int64)
+        self._table[:num_classes] = np.arange(num_classes)
+        self._pairs = None
+
+    def _files(self):
+        if self._pairs is None:
+            base = resolve_root(self.root, self.data_root, ".", "image_folder")
+            pairs = paired_files(base / self.images_dir, base / self.labels_dir)
+            self._pairs = pairs[: self.limit] if self.limit else pairs
+        return self._pairs
+
+    def ids(self) -> list[str]:
+        return [p[0] for p in self._files()]
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_rgb(self._files()[index][1])
+
+    def load_label(self, index: int) -> np.ndarray:
+        path = self._files()[index][2]
+        return remap(read_label_png(path), self._table, path)
