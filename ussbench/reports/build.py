@@ -1,0 +1,186 @@
+"""Build ``reports/<grid>/``: results CSV/Parquet, leaderboard Markdown/HTML, figures and panels."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import registry
+from ..atomic import atomic_write, atomic_write_text
+from ..cards import published_numbers
+from . import figures
+from .panels import draw_panels
+from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame
+
+log = logging.getLogger(__name__)
+PLUGIN_KINDS = {"dataset": "dataset", "backbone": "backbone", "feature_learner": "feature_learner",
+                "image_clusterer": "image_clusterer", "dataset_clusterer": "dataset_clusterer"}  # fmt: skip
+
+
+def build_report(
+    output: Path, grid_name: str, stage_order: list[str] | None = None, n_panel_configs: int = 3
+) -> dict[str, Path]:
+    """(Re)build every report file from the finished cells in ``output/cells``."""
+    from ..runner import load_cells
+
+    output = Path(output)
+    cells = load_cells(output)
+    if not cells:
+        raise ValueError(f"no finished cells in {output / 'cells'}; nothing to report")
+    results = results_frame(cells)
+    board = leaderboard_frame(results)
+    written: dict[str, Path] = {}
+    written["csv"] = atomic_write(output / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
+    written["parquet"] = atomic_write(
+        output / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False)
+    )
+    written["heatmap"] = figures.heatmap(board, output / "heatmap_miou.png")
+    written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png")
+    written["learners"] = figures.learner_bars(results, output / "miou_by_learner.png")
+    try:
+        written["panels"] = _panels(output, cells, board, n_panel_configs)
+    except Exception as exc:  # panels need the data; a report without them is still a report
+        log.warning("qualitative panels skipped: %s", exc)
+        written["panels"] = None
+    run = json.loads((output / "run.json").read_text()) if (output / "run.json").is_file() else {}
+    refs = _published(cells)
+    per_class = _per_class(cells, board)
+    md = _markdown(grid_name, run, cells, board, refs, per_class, written)
+    written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
+    written["html"] = atomic_write_text(
+        output / "leaderboard.html", _html(grid_name, run, board, refs, per_class, written)
+    )
+    return {k: v for k, v in written.items() if v is not None}
+
+
+def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:
+    used: set[tuple[str, str]] = set()
+    for cell in cells:
+        for stage in cell.get("identity", {}).get("stages", []):
+            if stage["kind"] in PLUGIN_KINDS and stage["name"] != "none":
+                used.add((stage["kind"], stage["name"]))
+    rows = []
+    for kind, name in sorted(used):
+        for ref in published_numbers(kind, name):
+            rows.append(
+                {
+                    "plugin": name,
+                    **{
+                        k: ref.get(k, "")
+                        for k in ("dataset", "backbone", "metric", "value", "std", "setting", "source")
+                    },
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame:
+    """Per-class IoU (mean over seeds) of the best configuration."""
+    best = board.iloc[0]
+    keys = ["dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess"]
+    chosen = [c for c in cells if all(c["row"][k] == best[k] for k in keys)]
+    frame = pd.DataFrame(
+        [{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()} for c in chosen]
+    )
+    return pd.DataFrame({"class": frame.columns, "IoU (%)": frame.mean().round(2).values})
+
+
+def _panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame, n_configs: int) -> Path | None:
+    keys = ["dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess"]
+    top = board.head(n_configs)
+    dataset_params = None
+    predictions: dict[str, list[np.ndarray]] = {}
+    indices: list[int] = []
+    for _, cfg in top.iterrows():
+        chosen = sorted(
+            (c for c in cells if all(c["row"][k] == cfg[k] for k in keys)), key=lambda c: c["row"]["seed"]
+        )
+        npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
+        if not npz.is_file():
+            continue
+        data = np.load(npz)
+        indices = sorted(int(k.split("_")[1]) for k in data.files)
+        mapping = np.asarray(chosen[0]["mapping"])
+        name = f"{cfg['image_clusterer']} + {cfg['dataset_clusterer']}" + (
+            f" ({cfg['feature_learner']})" if cfg["feature_learner"] != "none" else ""
+        )
+        predictions[f"{name}\nmIoU {cfg['miou_mean']:.1f}"] = [
+            np.where(mapping[data[f"pred_{i}"]] >= 0, mapping[data[f"pred_{i}"]], -1) for i in indices
+        ]
+        dataset_params = chosen[0]["params"]["dataset"]
+    if not predictions or dataset_params is None:
+        return None
+    spec = registry.get("dataset", dataset_params["name"])
+    dataset = registry.instantiate(spec, dataset_params["params"])
+    images = [dataset.load_image(i) for i in indices]
+    labels = [dataset.load_label(i) for i in indices]
+    return draw_panels(images, labels, predictions, dataset.num_classes, output / "panels.png")
+
+
+def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+    env = run.get("environment", {})
+    first = cells[0]
+    machine = env.get("gpu") or f"{env.get('processor', '?')} ({env.get('cpu_count', '?')} cores)"
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()))
+    backbones = sorted({c.get("backbone_report_name", c["row"]["backbone"]) for c in cells})
+    datasets = sorted({c.get("dataset_description") or c["row"]["dataset"] for c in cells})
+    protocol = first.get("identity", {}).get("protocol", {})
+    return [
+        f"Grid **{grid_name}** (`{run.get('grid_file', '?')}`), started {run.get('started', '?')}.",
+        f"Data: {'; '.join(datasets)}. Backbone(s): {', '.join(backbones)}.",
+        f"Protocol: one cluster-to-class match over all valid pixels of the split (matching `{protocol.get('matching')}`, "
+        f"objective `{protocol.get('objective')}`), predictions upsampled (nearest) to label resolution; "
+        "mIoU over classes with a defined IoU; mean ± std over seeds.",
+        f"Machine: {machine}, device `{env.get('device', '?')}`. Versions: {versions}.",
+    ]
+
+
+def _markdown(grid_name, run, cells, board, refs, per_class, written) -> str:
+    lines = [f"# Leaderboard: {grid_name}", "", *[f"- {line}" for line in _header(grid_name, run, cells)], ""]
+    lines += ["## Leaderboard", "", markdown_table(leaderboard_display(board)), ""]
+    lines += [
+        "Times are seconds per cell (mean over seeds); a stage shared by several cells is timed at its first computation.",
+        "",
+    ]
+    if refs is not None and not refs.empty:
+        lines += ["## Published numbers for the plugins in this grid (from the registry cards)", "",
+                  "These come from other datasets/backbones/protocols; compare only where the setting matches.", "",
+                  markdown_table(refs.fillna("")), ""]  # fmt: skip
+    lines += ["## Per-class IoU of the best configuration (rank 1)", "", markdown_table(per_class), ""]
+    figs = [("heatmap", "mIoU heatmap (image-level x dataset-level)"), ("runtime", "mIoU vs runtime"),
+            ("learners", "mIoU by feature learner"), ("panels", "Qualitative panels (image, ground truth, best configurations)")]  # fmt: skip
+    lines += ["## Figures", ""]
+    for key, title in figs:
+        if written.get(key):
+            lines += [f"### {title}", "", f"![{title}]({Path(written[key]).name})", ""]
+    lines += [
+        "All cells x seeds with every parameter, timing and peak memory: `results.csv` / `results.parquet`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _html(grid_name, run, board, refs, per_class, written) -> str:
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}img{max-width:100%}")  # fmt: skip
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(grid_name)}</title><style>{style}</style></head><body>",
+             f"<h1>Leaderboard: {html.escape(grid_name)}</h1><ul>"]  # fmt: skip
+    from ..runner import load_cells
+
+    cells = load_cells(Path(written["csv"]).parent)
+    parts += [f"<li>{html.escape(line).replace('**', '')}</li>" for line in _header(grid_name, run, cells)]
+    parts += ["</ul><h2>Leaderboard</h2>", leaderboard_display(board).to_html(index=False)]
+    if refs is not None and not refs.empty:
+        parts += ["<h2>Published numbers (registry cards)</h2>", refs.fillna("").to_html(index=False)]
+    parts += ["<h2>Per-class IoU of the best configuration</h2>", per_class.to_html(index=False)]
+    for key in ("heatmap", "runtime", "learners", "panels"):
+        if written.get(key):
+            parts.append(f"<h2>{key}</h2><img src='{Path(written[key]).name}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,91 @@
+"""Results table (one row per cell x seed) and the leaderboard (mean +- std over seeds)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+STAGE_COLUMNS = [
+    "dataset",
+    "backbone",
+    "feature_learner",
+    "image_clusterer",
+    "dataset_clusterer",
+    "postprocess",
+]
+TIME_COLUMNS = ["time_features_s", "time_feature_learner_s", "time_image_clusterer_s", "time_dataset_clusterer_s",
+                "time_eval_s", "time_total_s"]  # fmt: skip
+
+
+def results_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
+    """Flatten cell records into one row per cell and seed, parameters and environment as JSON columns."""
+    rows = []
+    for cell in cells:
+        row = dict(cell["row"])
+        env = row.pop("environment", {})
+        row["versions"] = json.dumps(env.get("versions", {}), sort_keys=True)
+        row["machine"] = env.get("gpu") or env.get("processor", "")
+        row["params"] = json.dumps(cell.get("params", {}), sort_keys=True, default=str)
+        row["per_class_iou"] = json.dumps(cell.get("per_class_iou", {}))
+        row["backbone_name"] = cell.get("backbone_report_name", row.get("backbone"))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    first = ["cell_id", *STAGE_COLUMNS, "seed", "miou", "pixel_accuracy"]
+    return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
+
+
+def leaderboard_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds per configuration, best mIoU first."""
+    grouped = results.groupby(STAGE_COLUMNS, sort=False, dropna=False)
+    board = grouped.agg(
+        miou_mean=("miou", "mean"),
+        miou_std=("miou", "std"),
+        acc_mean=("pixel_accuracy", "mean"),
+        acc_std=("pixel_accuracy", "std"),
+        seeds=("seed", "nunique"),
+        clusters=("n_clusters", "first"),
+        segments=("n_segments", "mean"),
+        **{c: (c, "mean") for c in TIME_COLUMNS if c in results},
+        peak_gpu_mb=("peak_gpu_mb", "max"),
+        peak_rss_mb=("peak_rss_mb", "max"),
+    ).reset_index()
+    board[["miou_std", "acc_std"]] = board[["miou_std", "acc_std"]].fillna(0.0)
+    return board.sort_values("miou_mean", ascending=False).reset_index(drop=True)
+
+
+def pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
+    """Human-readable leaderboard columns."""
+    varying = [c for c in STAGE_COLUMNS if board[c].nunique() > 1] or ["image_clusterer", "dataset_clusterer"]
+    shown = board[varying].copy()
+    shown.insert(0, "rank", range(1, len(board) + 1))
+    shown["mIoU (%)"] = [pm(m, s) for m, s in zip(board.miou_mean, board.miou_std)]
+    shown["pixel acc. (%)"] = [pm(m, s) for m, s in zip(board.acc_mean, board.acc_std)]
+    shown["seeds"] = board.seeds
+    shown["clusters"] = board.clusters
+    shown["segments"] = board.segments.round().astype(int)
+    for col, name in (("time_features_s", "features s"), ("time_feature_learner_s", "learner s"),
+                      ("time_image_clusterer_s", "image-level s"), ("time_dataset_clusterer_s", "dataset-level s"),
+                      ("time_total_s", "cell total s")):  # fmt: skip
+        if col in board:
+            shown[name] = board[col].round(2)
+    shown["peak RSS MB"] = board.peak_rss_mb.round(0).astype(int)
+    if (board.peak_gpu_mb > 0).any():
+        shown["peak GPU MB"] = board.peak_gpu_mb.round(0).astype(int)
+    return shown
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table without extra dependencies."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in frame.iterrows():
+        lines.append("| " + " | ".join(str(v) for v in r.tolist()) + " |")
+    return "\n".join(lines)
