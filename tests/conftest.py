@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny synthetic image+mask folder and a tiny grid file that runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_toy_folder(root: Path, n_images: int = 6, size: tuple[int, int] = (48, 64), seed: int = 0) -> Path:
+    """Images of three flat colour bands (classes 0, 1, 2 in random order) with a void stripe (255)."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.uint8)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    H, W = size
+    for i in range(n_images):
+        order = rng.permutation(3)
+        label = np.zeros((H, W), dtype=np.uint8)
+        for band, cls in enumerate(order):
+            label[:, band * W // 3 : (band + 1) * W // 3] = cls
+        label[:, -1] = 255  # a void column
+        image = colours[np.minimum(label, 2)] + rng.integers(0, 10, size=(H, W, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"img{i:02d}.png")
+        Image.fromarray(label, mode="L").save(root / "labels" / f"img{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def toy_root(tmp_path: Path) -> Path:
+    return write_toy_folder(tmp_path / "toy")
+
+
+def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> Path:
+    """A 2x2 grid x 2 seeds on the toy folder with a 2-block random ViT; returns the grid file path."""
+    grid = {
+        "name": "tiny",
+        "data_root": str(data_root),
+        "output": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "device": "cpu",
+        "seeds": [0, 1],
+        "datasets": [
+            {"name": "image_folder", "params": {"num_classes": 3, "class_names": ["red", "green", "blue"]}}
+        ],
+        "backbones": [
+            {"name": "random_vit", "params": {"depth": 2, "resolution": 32, "arch": "vit_small_patch16_224"}}
+        ],
+        "image_clusterers": [
+            "none",
+            {"name": "kmeans_per_image", "params": {"n_segments": 3}, "label": "km3"},
+        ],
+        "dataset_clusterers": [
+            "kmeans",
+            {"name": "kmeans", "params": {"engine": "sklearn"}, "label": "km-sklearn"},
+        ],
+        "protocol": {"panels": 2},
+    }
+    grid.update(overrides)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
