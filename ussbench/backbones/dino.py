@@ -39,9 +39,9 @@ class FileViTBackbone(TimmViTBackbone):
         self.weights_identity()
 
 
-def _file_backbone(name: str, arch: str, report: str, file_hint: str, **timm_kwargs):
+def _file_backbone(cls_name: str, name: str, arch: str, report: str, file_hint: str, **timm_kwargs):
     cls = type(
-        name,
+        cls_name,
         (FileViTBackbone,),
         {
             "arch": arch,
@@ -55,20 +55,32 @@ def _file_backbone(name: str, arch: str, report: str, file_hint: str, **timm_kwa
 
 
 DinoViTS8 = _file_backbone(
-    "dino_vits8", "vit_small_patch8_224", "DINO ViT-S/8", "dino_deitsmall8_300ep_pretrain.pth"
+    "DinoViTS8", "dino_vits8", "vit_small_patch8_224", "DINO ViT-S/8", "dino_deitsmall8_300ep_pretrain.pth"
 )
 DinoViTS16 = _file_backbone(
-    "dino_vits16", "vit_small_patch16_224", "DINO ViT-S/16", "dino_deitsmall16_pretrain.pth"
+    "DinoViTS16", "dino_vits16", "vit_small_patch16_224", "DINO ViT-S/16", "dino_deitsmall16_pretrain.pth"
 )
-DinoViTB8 = _file_backbone("dino_vitb8", "vit_base_patch8_224", "DINO ViT-B/8", "dino_vitbase8_pretrain.pth")
+DinoViTB8 = _file_backbone(
+    "DinoViTB8", "dino_vitb8", "vit_base_patch8_224", "DINO ViT-B/8", "dino_vitbase8_pretrain.pth"
+)
 DinoViTB16 = _file_backbone(
-    "dino_vitb16", "vit_base_patch16_224", "DINO ViT-B/16", "dino_vitbase16_pretrain.pth"
+    "DinoViTB16", "dino_vitb16", "vit_base_patch16_224", "DINO ViT-B/16", "dino_vitbase16_pretrain.pth"
 )
 DinoV2ViTS14 = _file_backbone(
-    "dinov2_vits14", "vit_small_patch14_dinov2", "DINOv2 ViT-S/14", "dinov2_vits14_pretrain.pth", img_size=518
+    "DinoV2ViTS14",
+    "dinov2_vits14",
+    "vit_small_patch14_dinov2",
+    "DINOv2 ViT-S/14",
+    "dinov2_vits14_pretrain.pth",
+    img_size=518,
 )
 DinoV2ViTB14 = _file_backbone(
-    "dinov2_vitb14", "vit_base_patch14_dinov2", "DINOv2 ViT-B/14", "dinov2_vitb14_pretrain.pth", img_size=518
+    "DinoV2ViTB14",
+    "dinov2_vitb14",
+    "vit_base_patch14_dinov2",
+    "DINOv2 ViT-B/14",
+    "dinov2_vitb14_pretrain.pth",
+    img_size=518,
 )
 
 
