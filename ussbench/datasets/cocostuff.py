@@ -1,0 +1,134 @@
+"""COCO-Stuff-27 (STEGO protocol): curated IIC image lists, 182 fine labels merged to 27 coarse classes.
+
+Layout under the data root (as STEGO's ``cocostuff`` folder): ``cocostuff/images/{val,train}2017/<id>.jpg``,
+``cocostuff/annotations/{val,train}2017/<id>.png`` (0-based fine stuffthingmaps, 255 = unlabeled) and
+``cocostuff/curated/{val,train}2017/Coco164kFull_Stuff_Coarse_7.txt`` (2,175 val / 49,629 train ids). The
+list files come with the STEGO/PiCIE data, not with COCO: they cannot be downloaded here, so a missing list
+fails with its path. The fine->coarse map is the data table ``data/cocostuff_fine_to_coarse.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..base import Dataset
+from ..errors import ConfigError, DataError
+from ..registry import register
+from ._common import read_label_png, read_rgb, resolve_root
+from ._lists import check_count, first_missing, read_list
+
+TABLE_PATH = Path(__file__).resolve().parent / "data" / "cocostuff_fine_to_coarse.csv"
+CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
+CURATED_COUNTS = {"val": 2175, "train": 49629}  # IIC/PiCIE curated lists (reference study §1.1)
+N_FINE = 182
+UNLABELED = 255
+
+
+@lru_cache(maxsize=1)
+def fine_to_coarse_table() -> tuple[np.ndarray, list[str], list[str]]:
+    """(fine id -> coarse id array of length 182, the 27 coarse names by id, the 182 fine names by id)."""
+    with open(TABLE_PATH, encoding="utf-8") as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    fine = np.array([int(r["fine_id"]) for r in rows])
+    if sorted(fine.tolist()) != list(range(N_FINE)):
+        raise DataError(f"{TABLE_PATH} must list fine ids 0..{N_FINE - 1} exactly once")
+    order = np.argsort(fine)
+    coarse = np.array([int(rows[i]["coarse_id"]) for i in order], dtype=np.int64)
+    names: dict[int, str] = {}
+    for r in rows:
+        if names.setdefault(int(r["coarse_id"]), r["coarse_name"]) != r["coarse_name"]:
+            raise DataError(f"{TABLE_PATH}: coarse id {r['coarse_id']} has two names")
+    if sorted(names) != list(range(27)):
+        raise DataError(f"{TABLE_PATH} must use coarse ids 0..26, got {sorted(names)}")
+    return coarse, [names[i] for i in range(27)], [rows[i]["fine_name"] for i in order]
+
+
+def coarse_lookup() -> np.ndarray:
+    """Raw PNG value (0..255) -> coarse class (-1 = ignore for 255; -2 marks values that must not occur)."""
+    coarse, _, _ = fine_to_coarse_table()
+    table = np.full(256, -2, dtype=np.int64)
+    table[:N_FINE] = coarse
+    table[UNLABELED] = -1
+    return table
+
+
+@register("dataset", "cocostuff27")
+class CocoStuff27(Dataset):
+    """COCO-Stuff-27 on the curated IIC lists (val: 2,175 images); 182 fine labels -> 27 coarse classes."""
+
+    description = "COCO-Stuff-27, curated val list (2,175 images), STEGO protocol"
+
+    def __init__(
+        self,
+        split: Literal["val", "train", "train+val"] = "val",
+        list_file: str | None = None,
+        strict_count: bool = True,
+        root: str | None = None,
+        data_root: str | None = None,
+        limit: int | None = None,
+    ):
+        if list_file is not None and split == "train+val":
+            raise ConfigError("cocostuff27: list_file names one list; use split 'val' or 'train' with it")
+        self.split = split
+        self.list_file = list_file
+        self.strict_count = strict_count
+        self.root = root
+        self.data_root = data_root
+        self.limit = limit
+        _, self.class_names, _ = fine_to_coarse_table()
+        self.num_classes = 27
+        self._table = coarse_lookup()
+        self._items = None
+
+    def _base(self) -> Path:
+        return resolve_root(self.root, self.data_root, "cocostuff", "cocostuff27")
+
+    def _files(self) -> list[tuple[str, Path, Path]]:
+        if self._items is None:
+            base = self._base()
+            items = []
+            for split in ("train", "val") if self.split == "train+val" else (self.split,):
+                if self.list_file is None:
+                    path = base / "curated" / f"{split}2017" / CURATED_LIST
+                else:
+                    path = Path(self.list_file).expanduser()
+                    path = path if path.is_absolute() else base / path
+                ids = read_list(path, "cocostuff27", "image list (list_file)")
+                if self.strict_count and path.name == CURATED_LIST:
+                    check_count(len(ids), CURATED_COUNTS[split], "cocostuff27", f"{split} list {str(path)!r}")
+                items += [
+                    (i, base / "images" / f"{split}2017" / f"{i}.jpg", base / "annotations" / f"{split}2017" / f"{i}.png")
+                    for i in ids
+                ]  # fmt: skip
+            self._items = items[: self.limit] if self.limit else items
+        return self._items
+
+    def check(self) -> None:
+        super().check()
+        missing = first_missing([p for _, img, lab in self._files() for p in (img, lab)])
+        if missing is not None:
+            raise DataError(
+                f"dataset 'cocostuff27': file {str(missing)!r} named by the image list does not exist"
+            )
+
+    def ids(self) -> list[str]:
+        return [i for i, _, _ in self._files()]
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_rgb(self._files()[index][1])
+
+    def load_label(self, index: int) -> np.ndarray:
+        path = self._files()[index][2]
+        raw = read_label_png(path)
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DataError(f"label file {str(path)!r} has values outside 0..255")
+        label = self._table[raw]
+        if (label == -2).any():
+            bad = int(raw[label == -2][0])
+            raise DataError(f"label file {str(path)!r} has value {bad}; COCO-Stuff uses 0..181 and 255")
+        return label
