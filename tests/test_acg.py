@@ -1,0 +1,107 @@
+"""ACG: modularity known answer, loss decreases and segments separate two-region maps, seeded, adaptive
+segment count, crop-CLS vectors through a random ViT, bad parameters fail naming the parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ussbench.backbones.dino import RandomViT
+from ussbench.base import FeatureSet, ImageFeatures, StageContext
+from ussbench.datasets.folder import ImageMaskFolder
+from ussbench.errors import ConfigError
+from ussbench.image_clusterers._spectral import same_partition
+from ussbench.image_clusterers.acg import AdaptiveConceptGenerator, modularity_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Other engineers' tests share the 2 cores: oversubscribed intra-op threads only slow things down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def two_region_maps(n: int = 8, h: int = 6, w: int = 6, dim: int = 32, noise: float = 0.1, seed: int = 0):
+    """Feature maps of two regions (split at varying columns or rows) of two fixed random directions."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = F.normalize(torch.randn(2, dim, generator=g), dim=1)
+    images, regions = [], []
+    for i in range(n):
+        reg = torch.zeros(h, w, dtype=torch.long)
+        reg[:, 2 + i % 3 :] = 1
+        if i % 2:
+            reg = reg.T.contiguous()
+        x = dirs[reg] + noise * torch.randn(h, w, dim, generator=g)
+        images.append(ImageFeatures(f"s{i}", x, x, torch.zeros(dim), torch.zeros(1, h, w), (h * 16, w * 16)))
+        regions.append(reg)
+    return FeatureSet(images, "synthetic", 16, dim), regions
+
+
+def test_modularity_of_two_cliques_is_one_half():
+    x = torch.zeros(1, 8, 4)
+    x[0, :4, 0] = 1.0
+    x[0, 4:, 1] = 1.0  # two orthogonal groups: A is two disconnected all-ones blocks
+    S = torch.zeros(1, 8, 3)
+    S[0, :4, 0] = 1.0
+    S[0, 4:, 2] = 1.0
+    for intensity in ("max", "sum"):
+        assert modularity_loss(x, S, intensity).item() == pytest.approx(-0.5)
+    S_all = torch.zeros(1, 8, 3)
+    S_all[0, :, 1] = 1.0  # everything in one community: modularity 0
+    assert modularity_loss(x, S_all).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_loss_decreases_and_segments_separate_two_regions():
+    feats, regions = two_region_maps()
+    acg = AdaptiveConceptGenerator(epochs=80, batch_size=8, lr=1e-3).fit(feats)
+    curve = acg.loss_curve_
+    assert len(curve) == 80
+    assert curve[-1] < curve[0] - 0.1
+    maps = acg.segment(feats)
+    for m, reg in zip(maps, regions):  # no segment straddles the two regions
+        assert all(reg[m == s].unique().numel() == 1 for s in m.unique())
+    assert sum(same_partition(m, r) for m, r in zip(maps, regions)) >= 6
+    # empty concepts vanish: ids are consecutive and fewer than the prototypes
+    assert all(m.unique().tolist() == list(range(int(m.max()) + 1)) for m in maps)
+    assert all(int(m.max()) + 1 < acg.n_prototypes for m in maps)
+
+
+def test_training_is_seeded():
+    feats, _ = two_region_maps(n=4)
+    a = AdaptiveConceptGenerator(epochs=3, batch_size=2, n_rounds=2, seed=5).fit(feats)
+    b = AdaptiveConceptGenerator(epochs=3, batch_size=2, n_rounds=2, seed=5).fit(feats)
+    c = AdaptiveConceptGenerator(epochs=3, batch_size=2, n_rounds=2, seed=6).fit(feats)
+    assert a.loss_curve_ == b.loss_curve_
+    assert a.loss_curve_ != c.loss_curve_
+
+
+def test_predict_with_crop_cls_through_a_random_vit(toy_root):
+    dataset = ImageMaskFolder(num_classes=3, root=str(toy_root), limit=3)
+    backbone = RandomViT(arch="vit_small_patch16_224", depth=2, resolution=48)
+    feats = backbone.extract(dataset, torch.device("cpu"), progress=False)
+    ctx = StageContext(torch.device("cpu"), 0, dataset, backbone, 3, progress=False)
+    acg = AdaptiveConceptGenerator(epochs=2, batch_size=4, n_rounds=2, n_heads=6).fit(feats, ctx)
+    segs = acg.predict(feats, ctx)
+    assert len(segs) == 3
+    for seg, im in zip(segs, feats):
+        assert seg.segment_map.shape == im.grid
+        assert seg.vectors.shape == (seg.n_segments, 384) and torch.isfinite(seg.vectors).all()
+        assert seg.background is None
+    assert acg.artifacts()["n_segments"] == [s.n_segments for s in segs]
+
+
+def test_bad_parameters_raise_naming_the_parameter():
+    with pytest.raises(ConfigError, match="n_prototypes"):
+        AdaptiveConceptGenerator(n_prototypes=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        AdaptiveConceptGenerator(batch_size=0)
+    with pytest.raises(ConfigError, match="lr"):
+        AdaptiveConceptGenerator(lr=0.0)
+    feats, _ = two_region_maps(n=2, dim=30)
+    with pytest.raises(ConfigError, match="n_heads=4"):
+        AdaptiveConceptGenerator(n_heads=4, epochs=1).fit(feats)
+    with pytest.raises(RuntimeError, match="fit"):
+        AdaptiveConceptGenerator().segment(feats)
