@@ -69,15 +69,20 @@ def test_unary_from_labels_matches_pydensecrf():
 
 def test_pool_and_serial_agree(caplog):
     images, labels = [], []
-    for s in range(3):
+    for s in range(4):
         image, _, noisy = toy(seed=s)
         images.append(image)
         labels.append(noisy)
     serial = crf_batch(images, labels, 2, workers=1)
     with caplog.at_level(logging.WARNING, logger="ussbench.postprocess.crf"):
         pooled = crf_batch(images, labels, 2, workers=2, timeout=120)
-    assert not caplog.records, [r.getMessage() for r in caplog.records]  # the pool really did the work
+        with CRFPool(2) as pool:  # one pool reused across batches
+            first = crf_batch(images[:2], labels[:2], 2, pool=pool, timeout=120)
+            assert pool._pool is not None
+            second = crf_batch(images[2:], labels[2:], 2, pool=pool, timeout=120)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # the pools really did the work
     assert all(np.array_equal(a, b) for a, b in zip(serial, pooled))
+    assert all(np.array_equal(a, b) for a, b in zip(serial, first + second))
     assert all(np.array_equal(a, DenseCRF().apply(i, lab, 2)) for a, i, lab in zip(serial, images, labels))
 
 

@@ -224,7 +224,8 @@ def crf_batch(
 
     images: RGB uint8 (H, W, 3); labels_list: (H, W) ints in [0, n_labels) (the unary when an image has no
     probs); probs_list: per image soft scores (n_labels, h, w) or None (see :func:`prepare_probs`);
-    workers <= 1 runs serially; timeout: seconds without any result before the pool counts as hung and is
+    workers <= 1 runs serially (workers=None: up to 8, serial below 2 images per worker); pool: a
+    :class:`CRFPool` to reuse across calls (start-up costs seconds); timeout: seconds without any result before the pool counts as hung and is
     killed. Returns refined (H, W) int64 label maps in order; every fallback logs a warning.
     """
     n = len(images)
@@ -254,6 +255,8 @@ def crf_batch(
                       f"crf_batch image {i}")  # fmt: skip
 
     n_workers = default_workers() if workers is None else int(workers)
+    if workers is None and pool is None and n < 2 * n_workers:
+        n_workers = 1  # starting workers (they re-import __main__) costs more than a few CRFs
     results: list[np.ndarray | None] = [None] * n
     if n and (pool is not None or n_workers > 1):
         own = pool is None
