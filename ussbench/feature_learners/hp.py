@@ -80,10 +80,10 @@ def backbone_attention(ctx: StageContext, index: int, grid: tuple[int, int]) -> 
 
 
 def lhp(code: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Local propagation: code (B, D, c, c), weights (B, c, c, 9) -> sum_j w_ij s_j / #neighbours in window."""
-    b, d, c, _ = code.shape
-    cols = F.unfold(code, 3, padding=1).reshape(b, d, 9, c, c)  # zero outside the window
-    inside = F.unfold(code.new_ones(1, 1, c, c), 3, padding=1).reshape(1, 9, c, c)
+    """Local propagation: code (B, D, h, w), weights (B, h, w, 9) -> sum_j w_ij s_j / #neighbours in window."""
+    b, d, h, w = code.shape
+    cols = F.unfold(code, 3, padding=1).reshape(b, d, 9, h, w)  # zero outside the window
+    inside = F.unfold(code.new_ones(1, 1, h, w), 3, padding=1).reshape(1, 9, h, w)
     wts = weights.permute(0, 3, 1, 2) * inside  # neighbours outside the crop window do not count
     return (cols * wts[:, None]).sum(2) / inside.sum(1)
 
