@@ -15,6 +15,7 @@ from ussbench.feature_learners.omh import (
     hierarchy_plan,
     level_sizes,
     matching_loss,
+    plot_hierarchy,
     soft_assign,
     transported,
 )
@@ -162,3 +163,11 @@ def test_stego_omh_training_lowers_omh_losses_and_keeps_plans():
     assert one_level.artifacts()["omh"]["plans"] == []
     codes = [F.normalize(c.code, dim=-1) for c in learner.transform(fs, ctx)]
     assert all(torch.isfinite(c).all() for c in codes)
+
+
+def test_plot_hierarchy_writes_figure(tmp_path):
+    info = OMHHeads(3, 4, levels=2).hierarchy()
+    path = plot_hierarchy(info, str(tmp_path / "fig3.png"))
+    assert (tmp_path / "fig3.png").stat().st_size > 1000 and path.endswith("fig3.png")
+    with pytest.raises(ValueError, match="single level"):
+        plot_hierarchy(OMHHeads(3, 4, levels=1).hierarchy(), str(tmp_path / "x.png"))

@@ -180,3 +180,31 @@ def omh_variant(base: type, doc: str) -> type:
     name = f"{base.__name__}OMH"
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": base.__module__,
                                 "__qualname__": name})  # fmt: skip
+
+
+def plot_hierarchy(info: dict[str, Any], path: str, pair: int = 0) -> str:
+    """Save the paper's Figure 3 for one level pair: centre affinities sim+ (left) beside the OT plan A.
+
+    ``info`` is ``artifacts()["omh"]`` of an OMH learner (or ``OMHHeads.hierarchy()``); returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not info.get("plans"):
+        raise ValueError("plot_hierarchy: the hierarchy has a single level (omh_levels=1), no plan to plot")
+    if not 0 <= pair < len(info["plans"]):
+        raise ValueError(f"plot_hierarchy: pair must lie in [0, {len(info['plans'])}), got {pair}")
+    z, a = info["affinities"][pair], info["plans"][pair]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 10 * a.shape[0] / a.shape[1] / 2 + 1.2))
+    for ax, mat, title in ((axes[0], z, "affinity sim+(H(i), H(i+1))"), (axes[1], a, "OT plan A(i,i+1)")):
+        im = ax.imshow(mat, cmap="viridis", aspect="auto")
+        ax.set_title(title)
+        ax.set_xlabel(f"level {pair + 1} clusters ({mat.shape[1]})")
+        ax.set_ylabel(f"level {pair} clusters ({mat.shape[0]})")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
