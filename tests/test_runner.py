@@ -170,3 +170,15 @@ def test_background_segments_get_their_own_label(tmp_path, toy_root):
         assert np.asarray(cell["confusion"]).shape == (3, 3)
     finally:
         registry.unregister("image_clusterer", "left_background_test")
+
+
+def test_stego_protocol_evaluates_on_centre_crops(tmp_path, toy_root):
+    """protocol name 'stego': images and labels are resized (short side res) and centre-cropped square."""
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"],
+                               protocol={"name": "stego", "res": 32, "panels": 1}))  # fmt: skip
+    assert grid.protocol["matching"] == "hungarian" and grid.protocol["res"] == 32
+    run_grid(grid, progress=False)
+    cell = json.loads(next((grid.output / "cells").glob("*.json")).read_text())
+    # toy images are 48x64 with a void last column: a 32x32 centre crop keeps 32*32 labelled pixels
+    assert cell["row"]["n_pixels"] == 32 * 32 * 6
+    assert (grid.output / "panels.png").is_file()

@@ -37,8 +37,9 @@ PROTOCOL_KEYS = {
     "objective": (str, "pixels"),
     "n_clusters": ((int, type(None)), None),
     "panels": (int, 4),
+    "res": ((int, type(None)), None),
 }
-PROTOCOL_CHOICES = {"name": ("default", "dsm_voc"), "matching": ("auto", "hungarian", "many_to_one"),
+PROTOCOL_CHOICES = {"name": ("default", "dsm_voc", "stego"), "matching": ("auto", "hungarian", "many_to_one"),
                     "objective": ("pixels", "iou")}  # fmt: skip
 # Parameters the runner fills in per cell when a plugin accepts them and the grid did not set them.
 INJECTED = {"seed", "device", "n_clusters", "num_classes", "data_root", "cache_dir"}
@@ -226,8 +227,15 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{where}: unknown key {key!r}{_suggest(key, PROTOCOL_KEYS)}; expected {', '.join(PROTOCOL_KEYS)}"
             )
-    if out["name"] == "dsm_voc" and "objective" not in raw:
-        out["objective"] = "iou"
+    if out["name"] != "default":  # a named protocol fixes matching/objective unless the grid overrides them
+        from .evaluation.protocols import get_protocol
+
+        spec = get_protocol(out["name"], **({"res": out["res"]} if out["res"] else {}))
+        if out["res"] is None:
+            out["res"] = spec.res
+        for key in ("matching", "objective"):
+            if key not in raw:
+                out[key] = getattr(spec, key)
     if out["n_clusters"] is not None and out["n_clusters"] < 1:
         raise ConfigError(f"{where}.n_clusters: expected a positive integer, got {out['n_clusters']}")
     return out

@@ -172,7 +172,9 @@ class CellRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         t_cell = time.perf_counter()
         dev = str(self.device)
-        dataset: Dataset = build_plugin(cell.entry("dataset"), {"data_root": self.data_root})
+        dataset: Dataset = protocol_view(
+            build_plugin(cell.entry("dataset"), {"data_root": self.data_root}), self.protocol
+        )
         backbone: Backbone = build_plugin(
             cell.entry("backbone"), {"cache_dir": str(self.cache.root or "")} if self.cache.root else {}
         )
@@ -285,11 +287,22 @@ class CellRunner:
             "panels": panels,
             "artifacts": artifacts,
             "params": {kind: build_params_for_record(cell.entry(kind), obj) for kind, obj in
-                       (("dataset", dataset), ("backbone", backbone), ("image_clusterer", ic), ("dataset_clusterer", dc))},
+                       (("dataset", getattr(dataset, "dataset", dataset)), ("backbone", backbone), ("image_clusterer", ic), ("dataset_clusterer", dc))},
             "backbone_report_name": backbone.report_name or backbone.plugin_name,
             "dataset_description": dataset.description,
         }  # fmt: skip
         return row, extras
+
+
+def protocol_view(dataset: Dataset, protocol: dict[str, Any]) -> Dataset:
+    """The dataset as the named protocol evaluates it (STEGO: short side resized to res, centre crop)."""
+    name = protocol.get("name", "default")
+    if name == "default":
+        return dataset
+    from .evaluation.protocols import get_protocol
+
+    spec = get_protocol(name, **({"res": protocol["res"]} if protocol.get("res") else {}))
+    return spec.view(dataset)
 
 
 def _foreground(seg: Segmentation) -> torch.Tensor:

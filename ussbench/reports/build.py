@@ -117,7 +117,10 @@ def _panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame, n_co
     if not predictions or dataset_params is None:
         return None
     spec = registry.get("dataset", dataset_params["name"])
-    dataset = registry.instantiate(spec, dataset_params["params"])
+    from ..pipeline import protocol_view
+
+    protocol = cells[0].get("identity", {}).get("protocol", {})
+    dataset = protocol_view(registry.instantiate(spec, dataset_params["params"]), protocol)
     images = [dataset.load_image(i) for i in indices]
     labels = [dataset.load_label(i) for i in indices]
     return draw_panels(images, labels, predictions, dataset.num_classes, output / "panels.png")
