@@ -24,7 +24,25 @@ def sinkhorn_log(
     """Transport plan P (n, m) minimising <P, cost> - epsilon * H(P) with marginals a (n,) and b (m,).
 
     Uniform marginals when a / b are None. Works on (..., n, m) batches; gradients flow through the
-    iterations. With ``tol`` set, stops early once the row-marginal error is below it.
+    iterations. With ``tol`` set, stops early once the row-marginal error is below it. The last update is
+    the column one, so the column marginals hold exactly and the rows carry the truncation error.
+    """
+    return sinkhorn_log_potentials(cost, epsilon, n_iter, a, b, tol)[0]
+
+
+def sinkhorn_log_potentials(
+    cost: torch.Tensor,
+    epsilon: float,
+    n_iter: int = 100,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    tol: float | None = None,
+    g_init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`sinkhorn_log`, also returning the log-scalings f (..., n) and g (..., m).
+
+    ``g_init`` warm-starts the column scaling (e.g. from the previous call of an outer loop whose cost
+    changes slowly), so truncated runs keep converging across calls. P = exp(f + g - cost / epsilon).
     """
     if epsilon <= 0:
         raise ValueError(f"sinkhorn epsilon must be > 0, got {epsilon}")
@@ -32,20 +50,15 @@ def sinkhorn_log(
         raise ValueError(f"sinkhorn n_iter must be >= 1, got {n_iter}")
     *batch, n, m = cost.shape
     dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
+    dev = cost.device
     cost = cost.to(dtype)
-    log_a = (
-        a.to(dtype).log()
-        if a is not None
-        else torch.full((n,), -math.log(n), dtype=dtype, device=cost.device)
-    )
-    log_b = (
-        b.to(dtype).log()
-        if b is not None
-        else torch.full((m,), -math.log(m), dtype=dtype, device=cost.device)
-    )
+    log_a = _log_marginal(a, n, "a", dtype, dev)
+    log_b = _log_marginal(b, m, "b", dtype, dev)
     log_k = -cost / epsilon
-    f = torch.zeros(*batch, n, dtype=dtype, device=cost.device)
-    g = torch.zeros(*batch, m, dtype=dtype, device=cost.device)
+    f = torch.zeros(*batch, n, dtype=dtype, device=dev)
+    g = torch.zeros(*batch, m, dtype=dtype, device=dev)
+    if g_init is not None:
+        g = g + g_init.to(dtype=dtype, device=dev)
     for _ in range(n_iter):
         f = log_a - torch.logsumexp(log_k + g.unsqueeze(-2), dim=-1)
         g = log_b - torch.logsumexp(log_k + f.unsqueeze(-1), dim=-2)
@@ -59,4 +72,18 @@ def sinkhorn_log(
             f"sinkhorn produced NaN/inf (epsilon={epsilon}, cost range [{float(cost.min()):.3g}, "
             f"{float(cost.max()):.3g}]); raise epsilon or use float64"
         )
-    return plan
+    return plan, f, g
+
+
+def _log_marginal(
+    w: torch.Tensor | None, size: int, name: str, dtype: torch.dtype, dev: torch.device
+) -> torch.Tensor:
+    """log of a marginal (uniform when None), checked for length and negative entries."""
+    if w is None:
+        return torch.full((size,), -math.log(size), dtype=dtype, device=dev)
+    w = w.to(dtype=dtype, device=dev)
+    if w.shape[-1] != size:
+        raise ValueError(f"sinkhorn marginal {name} has length {w.shape[-1]}, expected {size}")
+    if bool((w < 0).any()):
+        raise ValueError(f"sinkhorn marginal {name} has negative entries")
+    return w.log()

@@ -1,0 +1,153 @@
+"""Dataset-level k-means: engines agree from one init, blobs recovered, preprocessing, errors, card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.datasets import make_blobs
+from sklearn.decomposition import PCA as SkPCA
+from sklearn.metrics import adjusted_rand_score
+
+from ussbench import registry
+from ussbench.dataset_clusterers.kmeans import KMeansClusterer
+from ussbench.errors import ConfigError, NumericalError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ["faiss", "torch", "sklearn"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _blobs(sizes, dim=16, std=0.5, seed=0):
+    X, y = make_blobs(sizes, n_features=dim, cluster_std=std, random_state=seed, center_box=(-10, 10))
+    return torch.tensor(X, dtype=torch.float32), y
+
+
+def _overlapping(seed=0):
+    """Data where Lloyd needs several iterations: 30 overlapping blobs clustered into 8."""
+    X, _ = make_blobs(1500, n_features=12, centers=30, cluster_std=2.5, random_state=seed)
+    return torch.tensor(X, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_engines_agree_from_the_same_init(metric):
+    X = _overlapping()
+    fits = {
+        e: KMeansClusterer(8, engine=e, metric=metric, n_init=2, max_iter=100, tol=0.0, seed=3).fit(X)
+        for e in ENGINES
+    }
+    ref = fits["torch"].inertia_
+    for engine, km in fits.items():
+        assert abs(km.inertia_ - ref) / ref < 0.01, (engine, km.inertia_, ref)
+    # faiss and torch run the same (spherical) Lloyd steps: same partition.
+    assert adjusted_rand_score(fits["faiss"].labels_, fits["torch"].labels_) > 0.99
+
+
+def test_minibatch_engine_close_to_lloyd():
+    X = _overlapping(seed=1)
+    full = KMeansClusterer(8, engine="torch", n_init=1, seed=0).fit(X)
+    mini = KMeansClusterer(8, engine="sklearn_minibatch", n_init=1, batch_size=256, seed=0).fit(X)
+    assert mini.inertia_ < full.inertia_ * 1.05
+
+
+def test_explicit_init_is_used_by_every_engine():
+    X = _overlapping(seed=2)
+    probe = KMeansClusterer(8, engine="torch")
+    probe.fit(X)
+    init = probe.initial_centroids(probe.transform(X), restart=7)
+    inertias = [KMeansClusterer(8, engine=e).fit(X, init_centroids=init).inertia_ for e in ENGINES]
+    assert max(inertias) / min(inertias) < 1.01
+    with pytest.raises(ValueError, match="init_centroids"):
+        KMeansClusterer(8, engine="torch").fit(X, init_centroids=init[:3])
+
+
+@pytest.mark.parametrize("engine", ENGINES + ["sklearn_minibatch"])
+@pytest.mark.parametrize(
+    "options",
+    [{"metric": "l2"}, {"metric": "cosine"}, {"standardise": True, "normalise_input": False}, {"pca_dim": 4}],
+)
+def test_blobs_recovered_exactly(engine, options):
+    X, y = _blobs([60, 60, 60, 60, 60], seed=4)
+    km = KMeansClusterer(5, engine=engine, n_init=2, batch_size=64, seed=0, **options)
+    labels = km.fit(X).predict(X)
+    assert labels.dtype == torch.int64 and labels.shape == (300,)
+    assert adjusted_rand_score(y, labels.numpy()) == 1.0
+    assert torch.equal(labels, km.labels_)
+
+
+def test_seeded_and_deterministic():
+    X = _overlapping(seed=5)
+    a = KMeansClusterer(8, engine="torch", seed=11).fit(X)
+    b = KMeansClusterer(8, engine="torch", seed=11).fit(X)
+    c = KMeansClusterer(8, engine="torch", seed=12, n_init=1).fit(X)
+    assert torch.equal(a.labels_, b.labels_) and a.inertia_ == b.inertia_
+    assert not np.allclose(a.initial_centroids(a.transform(X), 0), c.initial_centroids(c.transform(X), 0))
+
+
+def test_pca_matches_sklearn_and_standardise_scales():
+    X = _overlapping(seed=6) * torch.linspace(0.5, 3, 12)
+    km = KMeansClusterer(4, engine="torch", pca_dim=3, normalise_input=False).fit(X)
+    Z = km.transform(X).numpy()
+    ref = SkPCA(3).fit_transform(X.numpy())
+    for j in range(3):  # same components up to sign
+        corr = np.corrcoef(Z[:, j], ref[:, j])[0, 1]
+        assert abs(corr) > 0.9999
+    std = KMeansClusterer(4, engine="torch", standardise=True, normalise_input=False).fit(X).transform(X)
+    np.testing.assert_allclose(std.mean(0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(std.std(0, unbiased=False).numpy(), 1, atol=1e-4)
+
+
+def test_empty_cluster_is_reseeded():
+    X, _ = _blobs([50, 50], seed=7)
+    init = torch.stack([X[0], X[0] + 100.0, X[60]])  # the second centre attracts no point
+    km = KMeansClusterer(3, engine="torch", normalise_input=False).fit(X, init_centroids=init)
+    assert torch.bincount(km.labels_, minlength=3).min() > 0
+
+
+def test_degenerate_inputs_raise_clear_errors():
+    X, _ = _blobs([10, 10], seed=8)
+    km = KMeansClusterer(5, engine="torch")
+    with pytest.raises(ValueError, match="n_clusters=5 exceeds the number of vectors"):
+        km.fit(X[:4])
+    bad = X.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(NumericalError, match="row 3"):
+        km.fit(bad)
+    zero = X.clone()
+    zero[6] = 0
+    with pytest.raises(ValueError, match="zero vectors"):
+        km.fit(zero)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        km.fit(X[0])
+    # L2 on raw vectors: a zero vector is an ordinary point.
+    KMeansClusterer(2, engine="torch", normalise_input=False).fit(zero)
+
+
+def test_bad_parameters_raise():
+    with pytest.raises(ConfigError, match="engine"):
+        KMeansClusterer(engine="cuml")
+    with pytest.raises(ConfigError, match="n_clusters"):
+        KMeansClusterer(n_clusters=0)
+    with pytest.raises(ConfigError, match="pca_dim"):
+        KMeansClusterer(3, engine="torch", pca_dim=40).fit(torch.randn(20, 8))
+    with pytest.raises(RuntimeError, match="fit"):
+        KMeansClusterer(3).predict(torch.randn(5, 4))
+
+
+def test_card_matches_registry():
+    spec = registry.get("dataset_clusterer", "kmeans")
+    card = yaml.safe_load((ROOT / "registry/dataset_clusterer/kmeans.yaml").read_text())
+    assert card["name"] == "kmeans" and card["kind"] == "dataset_clusterer"
+    assert card["entry_point"] == "ussbench.dataset_clusterers.kmeans:KMeansClusterer"
+    assert card["defaults"] == spec.defaults()
+    assert card["presets"] == spec.presets

@@ -1,0 +1,127 @@
+"""Optimal-transport clustering: blobs recovered, equal-mass marginals, NaN / non-convergence handling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from ussbench import registry
+from ussbench.dataset_clusterers.otc import OTClusterer, ot_plan
+from ussbench.errors import ConfigError, NumericalError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _blobs(sizes, dim=16, std=0.5, seed=0):
+    X, y = make_blobs(sizes, n_features=dim, cluster_std=std, random_state=seed, center_box=(-10, 10))
+    return torch.tensor(X, dtype=torch.float32), y
+
+
+@pytest.mark.parametrize(("k", "seed"), [(3, 0), (4, 1), (6, 2)])
+def test_blobs_recovered_exactly_with_study_settings(k, seed):
+    X, y = _blobs([50] * k, seed=seed)
+    otc = OTClusterer(n_clusters=k, seed=seed)  # defaults = study: 200 iters, temp 0.02, 10 Sinkhorn iters
+    labels = otc.fit(X).predict(X)
+    assert adjusted_rand_score(y, labels.numpy()) == 1.0
+    assert torch.equal(labels, otc.labels_)
+    assert otc.marginal_error_ < 1e-3
+
+
+def test_cold_start_is_the_literal_variant():
+    """Without warm-started potentials, 10 Sinkhorn steps at temp 0.02 can stall on separated blobs."""
+    X, y = _blobs([50] * 3, seed=1)
+    cold = [OTClusterer(3, seed=s, warm_start=False, n_iter=60).fit(X).labels_ for s in range(4)]
+    assert any(adjusted_rand_score(y, c.numpy()) < 1.0 for c in cold)
+
+
+def test_plan_has_the_requested_marginals():
+    S = torch.nn.functional.normalize(torch.randn(200, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    plan, _ = ot_plan(S, epsilon=0.02, n_iter=500)
+    torch.testing.assert_close(plan.sum(1), torch.full((200,), 1 / 200), atol=1e-7, rtol=0)
+    torch.testing.assert_close(plan.sum(0), torch.full((5,), 1 / 5), atol=1e-4, rtol=0)
+
+
+def test_equal_cluster_mass_splits_an_oversized_blob():
+    """k-means keeps a 3x larger blob whole; OT with equal masses must give every cluster N/k points."""
+    X, _ = _blobs([150, 50, 50, 50], seed=3)
+    otc = OTClusterer(4, seed=0, n_iter=100, sinkhorn_iter=20).fit(X)
+    torch.testing.assert_close(otc.cluster_mass_, torch.full((4,), 75.0), atol=0.5, rtol=0)
+    sizes = torch.bincount(otc.labels_, minlength=4)  # hard argmax: close to, not exactly, 75 each
+    assert sizes.min() >= 60 and sizes.max() <= 90, sizes
+
+
+def test_non_convergence_is_logged(caplog):
+    X, _ = _blobs([150, 50, 50, 50], seed=3)
+    with caplog.at_level(logging.WARNING, logger="ussbench.dataset_clusterers.otc"):
+        otc = OTClusterer(4, n_iter=2, sinkhorn_iter=1, marginal_tol=1e-6, warm_start=False).fit(X)
+    assert otc.marginal_error_ > 1e-6
+    assert "marginal_tol" in caplog.text and "sinkhorn_iter" in caplog.text
+
+
+def test_nan_similarities_retry_in_float64_then_raise(caplog):
+    S = torch.rand(10, 3)
+    S[2, 1] = float("nan")
+    with caplog.at_level(logging.WARNING), pytest.raises(NumericalError, match="NaN"):
+        ot_plan(S, 0.02, 10)
+    assert "retrying in float64" in caplog.text
+
+
+def test_seeded_and_deterministic():
+    X, _ = _blobs([40, 40, 40], std=3.0, seed=5)
+    a = OTClusterer(3, seed=7, n_iter=30).fit(X)
+    b = OTClusterer(3, seed=7, n_iter=30).fit(X)
+    assert torch.equal(a.labels_, b.labels_)
+    assert (a.cluster_centers_ == b.cluster_centers_).all()
+
+
+def test_standardise_and_nearest_assignment():
+    X, y = _blobs([40, 40, 40], seed=6)
+    otc = OTClusterer(3, standardise=True, predict_assign="nearest", n_iter=50).fit(X)
+    assert adjusted_rand_score(y, otc.predict(X).numpy()) == 1.0
+
+
+def test_degenerate_inputs_raise_clear_errors():
+    X, _ = _blobs([10, 10], seed=8)
+    otc = OTClusterer(5, n_iter=5)
+    with pytest.raises(ValueError, match="n_clusters=5 exceeds"):
+        otc.fit(X[:3])
+    bad = X.clone()
+    bad[4, 0] = float("inf")
+    with pytest.raises(NumericalError, match="row 4"):
+        otc.fit(bad)
+    zero = X.clone()
+    zero[2] = 0
+    with pytest.raises(ValueError, match="zero vectors"):
+        otc.fit(zero)
+
+
+def test_bad_parameters_raise():
+    with pytest.raises(ConfigError, match="epsilon"):
+        OTClusterer(epsilon=0)
+    with pytest.raises(ConfigError, match="sinkhorn_iter"):
+        OTClusterer(sinkhorn_iter=0)
+    with pytest.raises(ConfigError, match="predict_assign"):
+        OTClusterer(predict_assign="soft")
+
+
+def test_card_matches_registry():
+    spec = registry.get("dataset_clusterer", "otc")
+    card = yaml.safe_load((ROOT / "registry/dataset_clusterer/otc.yaml").read_text())
+    assert card["entry_point"] == "ussbench.dataset_clusterers.otc:OTClusterer"
+    assert card["defaults"] == spec.defaults()
+    assert card["presets"] == spec.presets
+    assert {p["value"] for p in card["published"]} >= {25.25, 23.69}

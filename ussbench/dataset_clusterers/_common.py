@@ -1,0 +1,205 @@
+"""Helpers shared by the dataset-level clusterers: input checks, device choice, preprocessing, k-means++."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, NumericalError
+
+log = logging.getLogger(__name__)
+
+ZERO_NORM = 1e-12
+
+
+def check_matrix(X: torch.Tensor, n_clusters: int, who: str, *, allow_zero: bool = False) -> torch.Tensor:
+    """Validate (N, D) input and return it as a detached float32 tensor (on its own device).
+
+    Fewer vectors than clusters, NaN/inf rows and (unless ``allow_zero``) zero vectors, for which cosine
+    similarity is undefined, each raise one clear error naming the parameter and the offending rows.
+    """
+    if not isinstance(X, torch.Tensor):
+        X = torch.as_tensor(np.asarray(X))
+    if X.ndim != 2:
+        raise ValueError(f"{who}: X must be an (N, D) matrix, got shape {tuple(X.shape)}")
+    if X.shape[1] < 1:
+        raise ValueError(f"{who}: X has no feature dimensions (shape {tuple(X.shape)})")
+    if X.shape[0] < n_clusters:
+        raise ValueError(f"{who}: n_clusters={n_clusters} exceeds the number of vectors in X ({X.shape[0]})")
+    X = X.detach().float()
+    bad = ~torch.isfinite(X).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise NumericalError(
+            f"{who}: {rows.numel()} rows of X contain NaN or inf (first at row {int(rows[0])})"
+        )
+    if not allow_zero:
+        zero = X.norm(dim=1) <= ZERO_NORM
+        if bool(zero.any()):
+            rows = torch.nonzero(zero).flatten()
+            raise ValueError(
+                f"{who}: {rows.numel()} rows of X are zero vectors (first at row {int(rows[0])}); "
+                "their cosine similarity / L2 normalisation is undefined"
+            )
+    return X
+
+
+def check_positive(who: str, **values: float | int | None) -> None:
+    """Raise ConfigError for the first parameter that is not > 0 (None is accepted)."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"{who}: {name} must be > 0, got {value!r}")
+
+
+def resolve_device(device: str, who: str) -> torch.device:
+    """torch.device for ``device``; a CUDA request without CUDA falls back to CPU with a logged warning."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"{who}: device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("%s: device %r requested but CUDA is not available; running on CPU", who, device)
+        return torch.device("cpu")
+    return dev
+
+
+class Standardiser:
+    """Per-dimension z-scoring fitted on the training vectors (the study's "norm/std input")."""
+
+    def fit(self, X: torch.Tensor) -> Standardiser:
+        self.mean_ = X.mean(0)
+        # Constant dimensions keep scale 1 so they map to 0 instead of NaN.
+        std = X.std(0, unbiased=False)
+        self.scale_ = torch.where(std > 1e-12, std, torch.ones_like(std))
+        return self
+
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        return (X - self.mean_.to(X.device)) / self.scale_.to(X.device)
+
+
+class PCA:
+    """PCA through the eigendecomposition of the D×D covariance (float64; signs fixed for determinism)."""
+
+    def __init__(self, n_components: int):
+        self.n_components = n_components
+
+    def fit(self, X: torch.Tensor) -> PCA:
+        n, d = X.shape
+        if not 1 <= self.n_components <= d:
+            raise ConfigError(
+                f"pca_dim must be in [1, {d}] for {d}-dimensional input, got {self.n_components}"
+            )
+        self.mean_ = X.double().mean(0)
+        cov = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+        for chunk in X.split(65536):
+            c = chunk.double() - self.mean_
+            cov += c.T @ c
+        evals, evecs = torch.linalg.eigh(cov / max(n - 1, 1))
+        comps = evecs[:, torch.argsort(evals, descending=True)[: self.n_components]].T  # (p, d)
+        # Sign convention: the largest-magnitude loading of each component is positive.
+        sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+        self.components_ = (comps * sign).float()
+        self.mean_ = self.mean_.float()
+        self.explained_variance_ = evals.sort(descending=True).values[: self.n_components].float()
+        return self
+
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        return (X - self.mean_.to(X.device)) @ self.components_.to(X.device).T
+
+
+def normalise_rows(X: torch.Tensor, who: str) -> torch.Tensor:
+    """L2-normalise rows; a row that became zero (e.g. after standardising or PCA) is an error."""
+    norms = X.norm(dim=1, keepdim=True)
+    if bool((norms <= ZERO_NORM).any()):
+        row = int(torch.nonzero(norms.flatten() <= ZERO_NORM)[0])
+        raise ValueError(
+            f"{who}: row {row} of X is a zero vector after preprocessing; cannot L2-normalise it"
+        )
+    return X / norms
+
+
+class InputTransform:
+    """The input pipeline: [z-score per dimension] -> [L2 rows] -> [PCA] -> [L2 rows for cosine].
+
+    Fitted on the training vectors and replayed on any vectors passed to ``predict``.
+    """
+
+    def __init__(self, standardise: bool, normalise: bool, pca_dim: int | None, unit_output: bool, who: str):
+        self.standardise = standardise
+        self.normalise = normalise
+        self.pca_dim = pca_dim
+        self.unit_output = unit_output
+        self.who = who
+
+    def fit_transform(self, X: torch.Tensor) -> torch.Tensor:
+        self.standardiser_ = Standardiser().fit(X) if self.standardise else None
+        Z = self._head(X)
+        self.pca_ = PCA(self.pca_dim).fit(Z) if self.pca_dim else None
+        return self._tail(Z)
+
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        return self._tail(self._head(X))
+
+    def _head(self, X: torch.Tensor) -> torch.Tensor:
+        if self.standardiser_ is not None:
+            X = self.standardiser_.transform(X)
+        return normalise_rows(X, self.who) if self.normalise else X
+
+    def _tail(self, X: torch.Tensor) -> torch.Tensor:
+        if self.pca_ is not None:
+            X = self.pca_.transform(X)
+        return normalise_rows(X, self.who) if self.unit_output else X
+
+
+def sq_distances(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (n, k) between rows of X and C, clamped at 0."""
+    # C.T made contiguous: a transposed-view GEMM is pathologically slow on contended small CPUs.
+    return ((X * X).sum(1, keepdim=True) - 2 * X @ C.T.contiguous() + (C * C).sum(1)[None]).clamp_min_(0)
+
+
+def kmeans_plusplus(
+    X: torch.Tensor, n_clusters: int, rng: np.random.Generator, n_local_trials: int | None = None
+) -> torch.Tensor:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii; greedy variant as in scikit-learn), on X's device.
+
+    Sampling uses ``rng`` on the host, so the result depends only on X and the generator's seed.
+    """
+    n = X.shape[0]
+    trials = n_local_trials or 2 + int(np.log(n_clusters))
+    centres = torch.empty(n_clusters, X.shape[1], dtype=X.dtype, device=X.device)
+    first = int(rng.integers(n))
+    centres[0] = X[first]
+    closest = sq_distances(X, X[first : first + 1]).squeeze(1).double()
+    for c in range(1, n_clusters):
+        cum = torch.cumsum(closest, 0)
+        total = float(cum[-1])
+        if total <= 0:  # every point coincides with a chosen centre: pick uniformly
+            idx = torch.as_tensor(rng.integers(n, size=trials), device=X.device)
+        else:
+            u = torch.as_tensor(rng.random(trials) * total, dtype=torch.float64, device=X.device)
+            idx = torch.searchsorted(cum, u).clamp_(max=n - 1)
+        cand = torch.minimum(closest[:, None], sq_distances(X, X[idx]).double())  # (n, trials)
+        best = int(cand.sum(0).argmin())
+        centres[c] = X[idx[best]]
+        closest = cand[:, best]
+    return centres
+
+
+def random_points(X: torch.Tensor, n_clusters: int, rng: np.random.Generator) -> torch.Tensor:
+    """k distinct rows of X chosen uniformly at random (the study's OTC initialisation)."""
+    idx = rng.choice(X.shape[0], size=n_clusters, replace=False)
+    return X[torch.as_tensor(idx, device=X.device)].clone()
+
+
+def check_labels_finite(value: torch.Tensor, who: str, what: str) -> None:
+    """Raise NumericalError if a tensor the algorithm produced holds NaN/inf."""
+    if not bool(torch.isfinite(value).all()):
+        raise NumericalError(f"{who}: {what} became NaN/inf")
+
+
+def l2_normalise(X: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation that leaves zero rows at zero (for centroids, never for inputs)."""
+    return F.normalize(X, dim=1, eps=ZERO_NORM)
