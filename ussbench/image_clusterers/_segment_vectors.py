@@ -159,20 +159,31 @@ def segment_vectors(
     crops: list[torch.Tensor] = []
     masks: list[torch.Tensor | None] = []
     parts: list[torch.Tensor] = []
+    # which crop gives each segment its vector: plain crops with the same box share one forward
+    source: list[int] = []
     bar = tqdm(total=len(features), desc=f"segment vectors ({method})", disable=not ctx.progress, leave=False)
     for i, (im, seg) in enumerate(zip(features, segment_maps)):
         bar.update(1)
         seg = seg.cpu().long()
         img = _normalised_image(ctx, i, im.grid, patch)
         boxes = segment_boxes(seg, n_segs[i], n_erode, n_dilate).tolist()
+        seen: dict[tuple[int, ...], int] = {}
         for s, (y0, x0, y1, x1) in enumerate(boxes):
+            key = (y0, x0, y1, x1)
+            if not masked and key in seen:
+                source.append(seen[key])
+                continue
+            seen[key] = sum(len(p) for p in parts) + len(crops)
+            source.append(seen[key])
             crops.append(img[:, y0 * patch : (y1 + 1) * patch, x0 * patch : (x1 + 1) * patch])
             masks.append((seg[y0 : y1 + 1, x0 : x1 + 1] == s).reshape(-1) if masked else None)
         if len(crops) >= flush_at or i == len(features) - 1:
             parts.append(crops_cls(extractor, crops, masks if masked else None, batch_size=batch_size))
             crops, masks = [], []
     bar.close()
-    cls = torch.cat(parts) if parts else torch.zeros(0, extractor.vit.embed_dim)
+    if not source:
+        return [torch.zeros(0, extractor.vit.embed_dim) for _ in n_segs]
+    cls = torch.cat(parts)[torch.tensor(source, dtype=torch.long)]
     out, start = [], 0
     for s in n_segs:
         out.append(cls[start : start + s])
