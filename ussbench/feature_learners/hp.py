@@ -39,8 +39,7 @@ def lhp_weights(attn: torch.Tensor, h: int, w: int) -> torch.Tensor:
     sigma = sqrt(h*w) (28 for the reference 28x28 crops), zero entries below the row mean.
     """
     a = attn.float()
-    lo = torch.quantile(a, 0.1, dim=1, keepdim=True)
-    hi = torch.quantile(a, 0.9, dim=1, keepdim=True)
+    lo, hi = torch.quantile(a, torch.tensor([0.1, 0.9], device=a.device), dim=1, keepdim=True)
     a = torch.maximum(torch.minimum(a, hi), lo).softmax(dim=1) * math.sqrt(h * w)
     a = torch.where(a < a.mean(1, keepdim=True), torch.zeros_like(a), a)
     a = F.pad(a.reshape(h, w, h, w), (1, 1, 1, 1))  # pad the key axes: out-of-image neighbours weigh 0
@@ -143,13 +142,19 @@ def hp_loss(
         g1 = min(n_views, g0 + group)
         rows = torch.arange(g0 * view_size, g1 * view_size, device=z.device).reshape(g1 - g0, view_size)
         with torch.no_grad():
-            not_self = rows[..., None] != torch.arange(n, device=z.device)
-            cos_f = f[rows] @ f.t()
-            p_ag = ((cos_f > thr_ag[rows][..., None]) | (cos_f > thr_ag[None, None])) & not_self
-            cos_s = s_ema[rows] @ s_ema.t()
-            p_sp = ((cos_s > thr_sp[rows][..., None]) | (cos_s > thr_sp[None, None])) & not_self
-            denom = ((p_ag | keep[None]) & not_self).float()
-            weights = p_ag.float() + lam * p_sp.float()
+            flat = rows.reshape(-1)
+            idx = torch.arange(flat.numel(), device=z.device)
+            # i~j when cos > min(thr_i, thr_j), i.e. above the threshold of i or of j; never i~i
+            p_ag = (f[rows] @ f.t()) > torch.minimum(thr_ag[rows][..., None], thr_ag)
+            p_ag.view(-1, n)[idx, flat] = False
+            weights = p_ag.float()
+            if lam > 0:  # task-specific positives only count once the ramp has started
+                p_sp = (s_ema[rows] @ s_ema.t()) > torch.minimum(thr_sp[rows][..., None], thr_sp)
+                p_sp.view(-1, n)[idx, flat] = False
+                weights += lam * p_sp.float()
+            denom = p_ag | keep
+            denom.view(-1, n)[idx, flat] = False
+            denom = denom.float()
             valid = p_ag.any(-1).float()
         with torch.enable_grad():
             part = _view_terms(z_leaf[rows], z_leaf, weights, denom, valid, tau, reweight) / (2 * n_views)
@@ -198,18 +203,18 @@ class HP(HeadLearner):
         pool_size: int = 2048,
         renew_interval: int = 20,
         ema_momentum: float = 0.99,
-        warmup: int = 50,
+        warmup: int = 25,
         reweight: bool = True,
         local_attention: Literal["keys", "backbone"] = "keys",
         dropout: float = 0.1,
         lr: float = 5e-4,
         weight_decay: float = 0.1,
         grad_clip: float = 10.0,
-        batch_size: int = 16,
-        steps: int = 200,
+        batch_size: int = 8,
+        steps: int = 100,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
-        crop_size: int = 16,
+        crop_size: int = 12,
         seed: int = 0,
         omh: bool = False,
         omh_levels: int = 3,

@@ -98,7 +98,7 @@ class SmooSeg(HeadLearner):
         dropout: float = 0.2,
         lr: float = 1e-4,
         prototype_lr: float = 5e-4,
-        batch_size: int = 16,
+        batch_size: int = 8,
         steps: int = 200,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
