@@ -1,0 +1,178 @@
+"""Attention-based clustering: loss values, blobs recovered, size bounds, architectures, errors, card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+import ussbench.dataset_clusterers.abc as abc_module
+from ussbench import registry
+from ussbench.dataset_clusterers.abc import ABCNet, AttentionClusterer, CrossAttention, FeedForward, abc_loss
+from ussbench.errors import ConfigError, NumericalError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _blobs(sizes, dim=16, seed=0):
+    X, y = make_blobs(sizes, n_features=dim, cluster_std=0.5, random_state=seed, center_box=(-10, 10))
+    return torch.tensor(X, dtype=torch.float32), y
+
+
+def _soft_sizes(model: AttentionClusterer, X: torch.Tensor) -> torch.Tensor:
+    return F.relu(model.scores(X)).sum(0)
+
+
+def test_loss_known_values():
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -0.3]])
+    # rows: sums 1, 1, 2, 0.5 -> mean(relu(1 - s)) = 0.5 / 4; columns: sums 2.5, 2 within [4/4, 4/sqrt(2)].
+    # outᵀout off-diagonal: 2 * (1*1) = 2 -> "sum" 2, "per_point" 2 / 4.
+    total, parts = abc_loss(scores, 2.0, 0.5, "sum")
+    assert parts["coverage_rows"] == pytest.approx(0.125)
+    assert parts["coverage_cols"] == pytest.approx(0.0)
+    assert parts["disjointness"] == pytest.approx(2.0)
+    assert float(total) == pytest.approx(2.125)
+    _, parts = abc_loss(scores, 2.0, 0.5, "per_point")
+    assert parts["disjointness"] == pytest.approx(0.5)
+    # Tighter bounds: lower 4/2^1 = 2 (column 2 sum 2 ok), upper 4/2^1.5 = 1.414 -> excess (1.086 + 0.586) / 2.
+    _, parts = abc_loss(scores, 1.0, 1.5, "sum")
+    assert parts["coverage_cols"] == pytest.approx((2.5 - 4 / 2**1.5 + 2 - 4 / 2**1.5) / 2)
+    _, parts = abc_loss(scores, 1.0, None, "sum")  # no upper bound
+    assert parts["coverage_cols"] == pytest.approx(0.0)
+
+
+def test_one_hot_balanced_assignment_has_zero_loss():
+    scores = torch.eye(3).repeat(4, 1)  # 12 rows, each cluster 4 rows
+    total, _ = abc_loss(scores, 2.0, 0.5, "per_point")
+    assert float(total) == 0.0
+
+
+@pytest.mark.parametrize("architecture", ["attn_mlp", "2attn_mlp", "identical", "mlp"])
+def test_blobs_recovered_and_loss_decreases(architecture):
+    X, y = _blobs([50, 50, 50, 50], seed=0)
+    model = AttentionClusterer(4, architecture=architecture, lr=1e-3, epochs=60, seed=0).fit(X)
+    labels = model.predict(X)
+    assert labels.dtype == torch.int64 and labels.shape == (200,)
+    assert adjusted_rand_score(y, labels.numpy()) == 1.0
+    assert torch.equal(labels, model.labels_)
+    assert len(model.loss_history_) == 60
+    assert model.loss_history_[-1] < 0.5 * model.loss_history_[0]
+    sizes = torch.bincount(labels, minlength=4)
+    assert sizes.min() >= 200 / 4**2 and sizes.max() <= 200 / 4**0.5
+
+
+def test_size_bounds_are_enforced_when_active():
+    # Lower bound N/k^2 = 34.7 above a 12-point blob: the small cluster is pushed up to the bound.
+    X, _ = _blobs([150, 150, 12], seed=0)
+    model = AttentionClusterer(3, lr=1e-3, epochs=60, seed=0).fit(X)
+    assert _soft_sizes(model, X).min() >= 0.9 * 312 / 3**2
+    # Upper bound N/sqrt(k) = 130 below a 200-point blob: its soft mass is pushed down to the bound.
+    X, _ = _blobs([200, 20, 20, 20], seed=0)
+    model = AttentionClusterer(4, lr=1e-3, epochs=60, seed=0).fit(X)
+    soft = _soft_sizes(model, X)
+    assert soft.max() <= 1.05 * 260 / 4**0.5
+    assert soft.min() >= 0.9 * 260 / 4**2
+    # Without an upper bound the big blob keeps (about) all its mass.
+    free = AttentionClusterer(4, lr=1e-3, epochs=60, seed=0, max_size_exponent=None).fit(X)
+    assert _soft_sizes(free, X).max() > 1.2 * 260 / 4**0.5
+
+
+def test_architecture_layouts():
+    centres = torch.randn(5, 8)
+    counts = {}
+    for arch in ("attn_mlp", "2attn_mlp", "identical", "mlp"):
+        net = ABCNet(centres, arch, n_steps=2, n_heads=2, mlp_ratio=2.0)
+        counts[arch] = (
+            sum(isinstance(b, CrossAttention) for b in net.blocks),
+            sum(isinstance(b, FeedForward) for b in net.blocks),
+        )
+    assert counts == {"attn_mlp": (2, 2), "2attn_mlp": (4, 2), "identical": (0, 0), "mlp": (0, 2)}
+    assert [n for n, _ in ABCNet(centres, "identical", 1, 1, 4.0).named_parameters()] == ["centres"]
+
+
+def test_initial_scores_are_correlations_with_the_seeds():
+    """Zero-initialised residual branches: before training Y = LayerNorm(X)."""
+    gen = torch.Generator().manual_seed(0)
+    x, centres = torch.randn(7, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    net = ABCNet(centres, "attn_mlp", 1, 1, 4.0)
+    expected = (
+        F.normalize(x - x.mean(1, keepdim=True), dim=1)
+        @ F.normalize(centres - centres.mean(1, keepdim=True), dim=1).T
+    )
+    torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+    identical = ABCNet(centres, "identical", 1, 1, 4.0)
+    torch.testing.assert_close(identical(x), F.normalize(x, dim=1) @ F.normalize(centres, dim=1).T)
+
+
+def test_seeded_and_deterministic():
+    X, _ = _blobs([30, 30, 30], seed=2)
+    a = AttentionClusterer(3, epochs=5, seed=4).fit(X)
+    b = AttentionClusterer(3, epochs=5, seed=4).fit(X)
+    assert a.loss_history_ == b.loss_history_
+    assert torch.equal(a.labels_, b.labels_)
+    c = AttentionClusterer(3, epochs=5, seed=5).fit(X)
+    assert a.loss_history_ != c.loss_history_
+
+
+def test_nan_loss_raises(monkeypatch):
+    X, _ = _blobs([20, 20], seed=3)
+
+    def nan_loss(*args, **kwargs):
+        return torch.tensor(float("nan"), requires_grad=True), {}
+
+    monkeypatch.setattr(abc_module, "abc_loss", nan_loss)
+    with pytest.raises(NumericalError, match="epoch 0"):
+        AttentionClusterer(2, epochs=2).fit(X)
+
+
+def test_degenerate_inputs_raise_clear_errors():
+    X, _ = _blobs([10, 10], seed=8)
+    model = AttentionClusterer(5, epochs=1)
+    with pytest.raises(ValueError, match="n_clusters=5 exceeds"):
+        model.fit(X[:4])
+    bad = X.clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(NumericalError, match="row 7"):
+        model.fit(bad)
+    zero = X.clone()
+    zero[1] = 0
+    with pytest.raises(ValueError, match="zero vectors"):
+        model.fit(zero)
+    with pytest.raises(RuntimeError, match="fit"):
+        AttentionClusterer(2).predict(X)
+
+
+def test_bad_parameters_raise():
+    with pytest.raises(ConfigError, match="architecture"):
+        AttentionClusterer(architecture="transformer")
+    with pytest.raises(ConfigError, match="max_size_exponent"):
+        AttentionClusterer(min_size_exponent=0.5, max_size_exponent=2.0)
+    with pytest.raises(ConfigError, match="disjointness"):
+        AttentionClusterer(disjointness="mean")
+    with pytest.raises(ConfigError, match="lr"):
+        AttentionClusterer(lr=0)
+    X, _ = _blobs([10, 10], seed=9)
+    with pytest.raises(ConfigError, match="n_heads=3"):
+        AttentionClusterer(2, n_heads=3, epochs=1).fit(X)
+
+
+def test_card_matches_registry():
+    spec = registry.get("dataset_clusterer", "abc")
+    card = yaml.safe_load((ROOT / "registry/dataset_clusterer/abc.yaml").read_text())
+    assert card["entry_point"] == "ussbench.dataset_clusterers.abc:AttentionClusterer"
+    assert card["defaults"] == spec.defaults()
+    assert card["presets"] == spec.presets
+    assert {p["value"] for p in card["published"]} >= {30.42, 25.64, 13.47, 26.38, 25.1895, 26.72, 27.11}
