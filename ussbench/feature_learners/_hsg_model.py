@@ -44,6 +44,7 @@ class HSGConfig:
     dropout: float = 0.1
     norm: str = "batch"
     temperature: float = 0.0625
+    negatives: str = "all"
     lambda_e: float = 1.0
     lambda_f: float = 0.1
     lambda_g: float = 0.2
@@ -58,8 +59,8 @@ class HSGConfig:
     crop_scale_min: float = 0.5
     flip: bool = True
     feature_dropout: float = 0.1
-    epochs: int = 15
-    batch_size: int = 16
+    epochs: int = 3
+    batch_size: int = 8
     optimizer: str = "adamw"
     lr: float = 0.001
     momentum: float = 0.9
@@ -96,6 +97,7 @@ class HSGConfig:
             "grouping": ("transformer", "kmeans"),
             "assignment": ("nested", "soft"),
             "norm": ("batch", "layer"),
+            "negatives": ("all", "image"),
             "edge_grouping": ("slic", "felzenszwalb", "none"),
             "optimizer": ("adamw", "sgd"),
             "lr_schedule": ("step", "constant"),
@@ -393,28 +395,52 @@ class HSGModel(nn.Module):
 # ------------------------------------------------------------------------------------------------------
 # losses
 # ------------------------------------------------------------------------------------------------------
+def _dense_ids(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ids of an (N, k) non-negative integer key matrix: (N,) ids in [0, U) and the (U, k) unique rows.
+    Columns are folded into one int64 key so the 1-D unique is used (unique over rows is slow on CPU)."""
+    span = keys.max(0).values + 1
+    flat = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
+    for j in range(keys.shape[1]):
+        flat = flat * span[j] + keys[:, j]
+    uniq, ids = torch.unique(flat, return_inverse=True)
+    rows = torch.empty(uniq.shape[0], keys.shape[1], dtype=keys.dtype, device=keys.device)
+    rows[ids] = keys
+    return ids, rows
+
+
 def segment_contrastive(
-    v: torch.Tensor, keys: torch.Tensor, group_cols: int, temperature: float
+    v: torch.Tensor, keys: torch.Tensor, group_cols: int, temperature: float, same_image: bool = False
 ) -> torch.Tensor:
     """Pixel-to-segment contrastive loss (eq. 3), averaged over pixels.
 
-    v (N, D) unit pixel features; keys (N, k) integer rows whose distinct values define the segments, the
-    first ``group_cols`` columns (instance, group, ...) defining the semantic group. Positives of a pixel:
-    the other segments of its group (other views, other pieces); if it has none, its own segment.
-    Negatives: every segment of another group (same or other instance). The own segment is left out of
-    both sums when other positives exist, so attraction comes from other views and pieces only."""
-    uniq, seg = torch.unique(keys, dim=0, return_inverse=True)
-    u, _ = segment_means(v.unsqueeze(0), seg.unsqueeze(0), uniq.shape[0])
-    logits = v @ u[0].T / temperature  # (N, S)
-    _, group = torch.unique(uniq[:, :group_cols], dim=0, return_inverse=True)
-    same = group[seg].unsqueeze(1) == group.unsqueeze(0)
-    own = F.one_hot(seg, uniq.shape[0]).bool()
-    pos = same & ~own
-    has_other = pos.any(1, keepdim=True)
-    pos = torch.where(has_other, pos, own)
-    log_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
-    log_all = torch.logsumexp(logits.masked_fill(own & has_other, float("-inf")), dim=1)
-    return (log_all - log_pos).mean()
+    v (N, D) unit pixel features; keys (N, k) non-negative integer rows whose distinct values define the
+    segments, the first ``group_cols`` columns (instance, group, ...) defining the semantic group.
+    Positives of a pixel: the other segments of its group (other views, other pieces); if it has none, its
+    own segment. Negatives: every segment of another group (same or other instance). The own segment is
+    left out of both sums when other positives exist, so attraction comes from other views and pieces.
+    same_image: negatives only from the pixel's own image (column 0 of keys), not from other images.
+    Memory and time are O(N * S) with a few passes (no (N, S) masks)."""
+    seg, rows = _dense_ids(keys)
+    n_seg = rows.shape[0]
+    group, _ = _dense_ids(rows[:, :group_cols])
+    n_group = int(group.max()) + 1
+    sums = torch.zeros(n_seg, v.shape[1], dtype=v.dtype, device=v.device).index_add(0, seg, v)
+    logits = v @ F.normalize(sums, dim=1).T / temperature  # (N, S)
+    shift = logits.detach().max(1, keepdim=True).values
+    e = torch.exp(logits - shift)
+    arange = torch.arange(v.shape[0], device=v.device)
+    own = e[arange, seg]
+    e = e.index_put((arange, seg), torch.zeros_like(own))  # drop the own segment
+    if same_image:
+        e = e * (rows[:, 0].unsqueeze(0) == keys[:, :1]).to(e.dtype)
+    others_in_group = torch.zeros(v.shape[0], n_group, dtype=e.dtype, device=e.device).index_add(1, group, e)
+    pixel_group = group[seg]
+    pos_other = others_in_group[arange, pixel_group]
+    has_other = (torch.bincount(group, minlength=n_group) > 1)[pixel_group]
+    tiny = torch.finfo(e.dtype).tiny
+    pos = torch.where(has_other, pos_other, own).clamp_min(tiny)
+    total = torch.where(has_other, e.sum(1), e.sum(1) + own)
+    return (total.log() - pos.log()).mean()
 
 
 def knn_graph(x0: torch.Tensor, mask0: torch.Tensor, views: int, k: int) -> torch.Tensor:
@@ -559,12 +585,13 @@ def training_step(model: HSGModel, x: torch.Tensor, sp: torch.Tensor | None) -> 
         keys, group_cols = torch.stack([flat[0], sp.reshape(-1), flat[1], flat[2]], 1), 2
     else:  # no low-level grouping: each G0 segment of each view is its own group
         keys, group_cols = torch.stack([flat[0], flat[1], flat[2]], 1), 3
-    losses = {"edge": segment_contrastive(vf, keys, group_cols, c.temperature)}
+    same_image = c.negatives == "image"
+    losses = {"edge": segment_contrastive(vf, keys, group_cols, c.temperature, same_image)}
     feat_loss = v.new_zeros(())
     for labels in hier.token_labels:
         g = torch.gather(labels, 1, token).reshape(-1)
         feat_loss = feat_loss + segment_contrastive(
-            vf, torch.stack([flat[0], g, flat[1]], 1), 2, c.temperature
+            vf, torch.stack([flat[0], g, flat[1]], 1), 2, c.temperature, same_image
         )
     losses["levels"] = feat_loss
     if hier.assignments:
