@@ -2,7 +2,8 @@
 
 N learnable prototypes become image-adaptive concepts through T update steps, each a transformer-decoder
 layer (prototypes are the queries of a scaled dot-product cross-attention over the image's pixel
-features, then self-attention among prototypes, then an FFN; residuals and post-LayerNorm). Each pixel
+features, whose key/value projections are shared by the T steps; then self-attention among prototypes,
+then an FFN; residuals and post-LayerNorm). Each pixel
 goes to its most cosine-similar concept; concepts that win no pixel vanish, so the number of segments
 adapts per image. Trained without labels by maximising the modularity of the soft assignment on the
 image's cosine affinity graph, on cached features, in batches of images of equal grid size.
@@ -39,36 +40,51 @@ ACG_PRESETS = {
 
 
 class UpdateStep(nn.Module):
-    """One ACG update: cross-attention (prototypes query pixels), self-attention, FFN; post-norm residuals."""
+    """One ACG round: cross-attention of the prototypes over the pixels' keys/values, self-attention among
+    prototypes, FFN; post-norm residuals."""
 
     def __init__(self, dim: int, n_heads: int, ffn_dim: int):
         super().__init__()
-        self.cross = nn.MultiheadAttention(dim, n_heads, batch_first=True)
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
         self.mix = nn.MultiheadAttention(dim, n_heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        q = self.norm1(q + self.cross(q, memory, memory, need_weights=False)[0])
-        q = self.norm2(q + self.mix(q, q, q, need_weights=False)[0])
-        return self.norm3(q + self.ffn(q))
+    def forward(self, p: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """p (B, N, C) prototypes; k, v (B, heads, P, C / heads) the pixels' keys and values."""
+        B, N, C = p.shape
+        q = self.q(p).reshape(B, N, self.n_heads, -1).transpose(1, 2)
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        p = self.norm1(p + self.out(att))
+        p = self.norm2(p + self.mix(p, p, p, need_weights=False)[0])
+        return self.norm3(p + self.ffn(p))
 
 
 class ConceptGenerator(nn.Module):
-    """Prototypes (N, C) -> image-adaptive concepts (B, N, C) for pixel features (B, P, C)."""
+    """Prototypes (N, C) -> image-adaptive concepts (B, N, C) for pixel features (B, P, C).
+
+    The pixels' keys and values are projected once per image and shared by the T rounds (as in slot
+    attention), so a round costs O(N * P) rather than another O(P * C^2) projection of every pixel.
+    """
 
     def __init__(self, dim: int, n_prototypes: int, n_rounds: int, n_heads: int, ffn_dim: int):
         super().__init__()
+        self.n_heads = n_heads
         self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
         self.memory_norm = nn.LayerNorm(dim)
+        self.kv = nn.Linear(dim, 2 * dim)
         self.steps = nn.ModuleList(UpdateStep(dim, n_heads, ffn_dim) for _ in range(n_rounds))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        memory = self.memory_norm(x)
-        q = self.prototypes.unsqueeze(0).expand(x.shape[0], -1, -1)
+        B, P, C = x.shape
+        kv = self.kv(self.memory_norm(x)).reshape(B, P, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        p = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for step in self.steps:
-            q = step(q, memory)
-        return q
+            p = step(p, k, v)
+        return p
 
 
 def assignment(x: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
@@ -89,9 +105,23 @@ def modularity_loss(x: torch.Tensor, S: torch.Tensor, intensity: str = "max") ->
         k = A.sum(-1)
         two_m = k.sum(-1).clamp_min(1e-12)
     if intensity == "max":
-        delta = (S.unsqueeze(2) * S.unsqueeze(1)).amax(-1)  # (B, P, P)
-        B_mod = A - k.unsqueeze(2) * k.unsqueeze(1) / two_m[:, None, None]
-        q = (B_mod * delta).sum((1, 2)) / two_m
+        # delta_ij = S_in* S_jn* with n* = argmax_n S_in S_jn: pick n* without grad, one concept at a time
+        # (memory O(B P^2), never O(B P^2 N)); the value and gradient equal those of the max itself.
+        with torch.no_grad():
+            B_mod = A - k.unsqueeze(2) * k.unsqueeze(1) / two_m[:, None, None]
+            Sd = S.detach()
+            best = Sd[..., 0].unsqueeze(2) * Sd[..., 0].unsqueeze(1)
+            arg = torch.zeros_like(best, dtype=torch.long)
+            for n in range(1, S.shape[-1]):
+                cur = Sd[..., n].unsqueeze(2) * Sd[..., n].unsqueeze(1)
+                arg = torch.where(cur > best, n, arg)
+                best = torch.maximum(best, cur)
+        q = torch.zeros(S.shape[0], dtype=S.dtype, device=S.device)
+        for n in range(S.shape[-1]):
+            G = B_mod * (arg == n)
+            s = S[..., n]
+            q = q + (s.unsqueeze(1) @ G @ s.unsqueeze(2)).reshape(-1)
+        q = q / two_m
     elif intensity == "sum":
         within = (S * (A @ S)).sum((1, 2))
         null = ((k.unsqueeze(1) @ S) ** 2).sum((1, 2)) / two_m
@@ -115,7 +145,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
         n_heads: int = 1,
         ffn_ratio: float = 4.0,
         intensity: Literal["max", "sum"] = "max",
-        epochs: int = 20,
+        epochs: int = 10,
         batch_size: int = 64,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
