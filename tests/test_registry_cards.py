@@ -26,7 +26,9 @@ def test_card_matches_code(kind, name):
     assert card["name"] == name and card["kind"] == kind
     module, _, attr = card["entry_point"].partition(":")
     assert getattr(importlib.import_module(module), attr) is spec.cls
-    assert card["defaults"] == spec.defaults(), f"{card_path(kind, name)}: defaults differ from the constructor"
+    assert card["defaults"] == spec.defaults(), (
+        f"{card_path(kind, name)}: defaults differ from the constructor"
+    )
     assert (card["presets"] or {}) == spec.presets, f"{card_path(kind, name)}: presets differ from the code"
     for ref in card["published"] or []:
         assert {"dataset", "metric", "value", "source"} <= set(ref), ref
