@@ -12,6 +12,7 @@ shaped like the shipped MSRC data (16x24 patch grids, 384-d) unless --features n
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -45,17 +46,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Median seconds of fn() over repeat runs after one warm-up."""
+def timed(fn, device: torch.device, repeat: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of fn() over repeat runs after one warm-up (CPU time is the
+    steadier figure on a shared machine)."""
     fn()
     sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
 
 
 def main() -> None:
@@ -67,7 +70,10 @@ def main() -> None:
     )
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n_images = args.images or (32 if args.small else 591)
     repeat = args.repeat or (3 if args.small else 10)
@@ -77,7 +83,7 @@ def main() -> None:
     else:
         gen = torch.Generator().manual_seed(0)
         maps = [torch.randn(16, 24, 384, generator=gen).half() for _ in range(n_images)]
-    print(f"machine: {machine(device)}")
+    print(f"machine: {machine(device)}; load average {os.getloadavg()[0]:.1f}")
     print(f"data: {len(maps)} maps of {tuple(maps[0].shape)}")
 
     # training step (default config): views, losses, backward, AdamW step
@@ -95,12 +101,13 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    t_step = timed(step, device, repeat)
+    t_step, c_step = timed(step, device, repeat)
     steps = config.epochs * -(-591 // config.batch_size)
     print(
-        f"train step (batch {config.batch_size} x {config.views} views, crop {config.crop}): {t_step * 1e3:.1f} ms"
+        f"train step (batch {config.batch_size} x {config.views} views, crop {config.crop}): "
+        f"{t_step * 1e3:.1f} ms wall, {c_step * 1e3:.1f} ms process CPU"
     )
-    print(f"  -> default fit on MSRC ({steps} steps, superpixels excluded): {t_step * steps:.1f} s")
+    print(f"  -> default fit on MSRC ({steps} steps, superpixels excluded): {t_step * steps:.1f} s wall")
 
     # inference: head + G0 alone, then + transformer / k-means hierarchy (per image, batch of one)
     x = maps[0].to(device).float().reshape(1, -1, maps[0].shape[-1])
@@ -118,7 +125,7 @@ def main() -> None:
             if grouping != "none":
                 m.hierarchy(x0, mask0)
 
-        results[grouping] = timed(infer, device, repeat * 5) * 1e3
+        results[grouping] = timed(infer, device, repeat * 5)[0] * 1e3
     over_t = results["transformer"] - results["none"]
     over_k = results["kmeans"] - results["none"]
     paper_t = PAPER_MS["transformer"] - PAPER_MS["none"]
