@@ -1,12 +1,12 @@
 """Adaptive Concept Generator (ACSeg, Li et al., CVPR 2023) as a trainable image-level clusterer.
 
 N learnable prototypes become image-adaptive concepts through T update steps, each a transformer-decoder
-layer (prototypes are the queries of a scaled dot-product cross-attention over the image's pixel
-features, whose key/value projections are shared by the T steps; then self-attention among prototypes,
-then an FFN; residuals and post-LayerNorm). Each pixel
-goes to its most cosine-similar concept; concepts that win no pixel vanish, so the number of segments
-adapts per image. Trained without labels by maximising the modularity of the soft assignment on the
-image's cosine affinity graph, on cached features, in batches of images of equal grid size.
+layer: the prototypes query the image's pixel features by scaled dot-product cross-attention (key/value
+projections shared by the T steps), then self-attention among prototypes, then an FFN, with residuals
+and post-LayerNorm. Each pixel goes to its most cosine-similar concept; concepts that win no pixel
+vanish, so the number of segments adapts per image. Trained without labels by maximising the modularity
+of the soft assignment on the image's cosine affinity graph, on cached features, in batches of images of
+equal grid size.
 """
 
 from __future__ import annotations
