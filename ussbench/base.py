@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cache import stable_hash
 from .errors import DataError
 
 # Dense feature names a FeatureSet may hold; "code" is written by feature learners.
@@ -181,11 +182,17 @@ class Dataset(Plugin, abc.ABC):
         return Sample(self.ids()[index], self.load_image(index), self.load_label(index))
 
     def cache_identity(self) -> dict[str, Any]:
-        """What identifies this dataset's content for the feature cache (overridden to add file stats)."""
+        """What identifies this dataset's content for the feature cache: plugin, parameters and image ids.
+
+        ``data_root`` is left out on purpose, so a copy of the same data elsewhere (another checkout, the GPU
+        machine) reuses the cached features; the ids and their count identify the content.
+        """
+        params = {k: v for k, v in self.get_params().items() if k != "data_root"}
         return {
             "plugin": self.plugin_name,
-            "params": self.get_params(),
+            "params": params,
             "n": len(self),
+            "ids": stable_hash(self.ids(), 16),
             "version": self.version,
         }
 

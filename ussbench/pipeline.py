@@ -265,6 +265,14 @@ class CellRunner:
             if i in panel_ids:
                 panels[str(i)] = pred.astype(np.int16)
         row["time_eval_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row.update(segment_covering(segments, labels, dataset, cell.entry("dataset").name))
+        row["time_nfcov_s"] = time.perf_counter() - t0
+        level_panels = {
+            f"{name}_{i}": level.numpy().astype(np.int16)
+            for i in sorted(panel_ids)
+            for name, level in segments[i].levels.items()
+        }
         scores = evaluate_counts(conf.counts, self.protocol["matching"], self.protocol["objective"])
         row.update(
             miou=scores.miou * 100.0,
@@ -285,6 +293,7 @@ class CellRunner:
             "class_names": dataset.class_names,
             "confusion": conf.counts.tolist(),
             "panels": panels,
+            "level_panels": level_panels,
             "artifacts": artifacts,
             "params": {kind: build_params_for_record(cell.entry(kind), obj) for kind, obj in
                        (("dataset", getattr(dataset, "dataset", dataset)), ("backbone", backbone), ("image_clusterer", ic), ("dataset_clusterer", dc))},
@@ -303,6 +312,29 @@ def protocol_view(dataset: Dataset, protocol: dict[str, Any]) -> Dataset:
 
     spec = get_protocol(name, **({"res": protocol["res"]} if protocol.get("res") else {}))
     return spec.view(dataset)
+
+
+def segment_covering(
+    segments: list[Segmentation], labels: list[np.ndarray], dataset: Dataset, dataset_name: str
+) -> dict[str, float]:
+    """NFCovering (HSG eq. 10) of the image-level segments and of every hierarchy level they carry.
+
+    Returns ``nfcov`` for the segments and ``nfcov_<level>`` per level, or nothing when the dataset has no
+    foreground rule (see :mod:`ussbench.evaluation.nfcovering`).
+    """
+    from .evaluation.nfcovering import BACKGROUND_CLASSES, foreground_classes, nf_covering, nf_covering_levels
+
+    try:
+        foreground = foreground_classes(
+            dataset.class_names, dataset_name if dataset_name in BACKGROUND_CLASSES else None
+        )
+    except ValueError:
+        return {}
+    out = {"nfcov": nf_covering([s.segment_map for s in segments], labels, foreground).score * 100.0}
+    if any(s.levels for s in segments):
+        for name, result in nf_covering_levels(segments, labels, foreground).items():
+            out[f"nfcov_{name}"] = result.score * 100.0
+    return out
 
 
 def _foreground(seg: Segmentation) -> torch.Tensor:

@@ -150,7 +150,8 @@ def run_grid(
         )
         row, extras = runner.run(cell)
         row.update(cell_id=cid, grid=grid.name, environment=env)
-        panels = extras.pop("panels")
+        panels = {f"pred_{k}": v for k, v in extras.pop("panels").items()}
+        panels.update({f"level_{k}": v for k, v in extras.pop("level_panels", {}).items()})
         artifacts = extras.pop("artifacts")
         if panels:
             atomic_write(out / "cells" / f"{cid}.npz", lambda tmp, p=panels: _save_npz(tmp, p))
@@ -169,7 +170,7 @@ def run_grid(
 
 def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(tmp, "wb") as f:
-        np.savez_compressed(f, **{f"pred_{k}": v for k, v in arrays.items()})
+        np.savez_compressed(f, **arrays)
 
 
 def load_cells(output: Path) -> list[dict[str, Any]]:

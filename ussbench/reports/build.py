@@ -43,11 +43,13 @@ def build_report(
     written["heatmap"] = figures.heatmap(board, output / "heatmap_miou.png")
     written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png")
     written["learners"] = figures.learner_bars(results, output / "miou_by_learner.png")
-    try:
-        written["panels"] = _panels(output, cells, board, n_panel_configs)
-    except Exception as exc:  # panels need the data; a report without them is still a report
-        log.warning("qualitative panels skipped: %s", exc)
-        written["panels"] = None
+    for key, draw in (("panels", lambda: _panels(output, cells, board, n_panel_configs)),
+                      ("level_panels", lambda: _level_panels(output, cells, board))):  # fmt: skip
+        try:
+            written[key] = draw()
+        except Exception as exc:  # panels need the data; a report without them is still a report
+            log.warning("qualitative %s skipped: %s", key.replace("_", " "), exc)
+            written[key] = None
     run = json.loads((output / "run.json").read_text()) if (output / "run.json").is_file() else {}
     refs = _published(cells)
     per_class = _per_class(cells, board)
@@ -105,7 +107,7 @@ def _panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame, n_co
         if not npz.is_file():
             continue
         data = np.load(npz)
-        indices = sorted(int(k.split("_")[1]) for k in data.files)
+        indices = sorted(int(k.split("_")[1]) for k in data.files if k.startswith("pred_"))
         mapping = np.asarray(chosen[0]["mapping"])
         name = f"{cfg['image_clusterer']} + {cfg['dataset_clusterer']}" + (
             f" ({cfg['feature_learner']})" if cfg["feature_learner"] != "none" else ""
@@ -116,14 +118,55 @@ def _panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame, n_co
         dataset_params = chosen[0]["params"]["dataset"]
     if not predictions or dataset_params is None:
         return None
-    spec = registry.get("dataset", dataset_params["name"])
-    from ..pipeline import protocol_view
-
-    protocol = cells[0].get("identity", {}).get("protocol", {})
-    dataset = protocol_view(registry.instantiate(spec, dataset_params["params"]), protocol)
+    dataset = _protocol_dataset(cells, dataset_params)
     images = [dataset.load_image(i) for i in indices]
     labels = [dataset.load_label(i) for i in indices]
     return draw_panels(images, labels, predictions, dataset.num_classes, output / "panels.png")
+
+
+def _protocol_dataset(cells: list[dict[str, Any]], dataset_params: dict[str, Any]):
+    """The dataset a cell was evaluated on, seen through the grid's protocol."""
+    from ..pipeline import protocol_view
+
+    spec = registry.get("dataset", dataset_params["name"])
+    protocol = cells[0].get("identity", {}).get("protocol", {})
+    return protocol_view(registry.instantiate(spec, dataset_params["params"]), protocol)
+
+
+def _level_panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame) -> Path | None:
+    """Image | ground truth | each hierarchy level of the best configuration whose segments carry levels."""
+    from ..pipeline import upsample_nearest
+
+    keys = ["dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess"]
+    for _, cfg in board.iterrows():
+        chosen = sorted(
+            (c for c in cells if all(c["row"][k] == cfg[k] for k in keys)), key=lambda c: c["row"]["seed"]
+        )
+        npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
+        if not npz.is_file():
+            continue
+        data = np.load(npz)
+        level_keys = [k for k in data.files if k.startswith("level_")]
+        if not level_keys:
+            continue
+        names = sorted({k.split("_")[1] for k in level_keys})
+        indices = sorted({int(k.split("_")[2]) for k in level_keys})
+        dataset = _protocol_dataset(cells, chosen[0]["params"]["dataset"])
+        images = [dataset.load_image(i) for i in indices]
+        labels = [dataset.load_label(i) for i in indices]
+        nfcov = {n: cfg.get(f"nfcov_{n}_mean") for n in names}
+        columns = {}
+        for n in names:
+            title = f"{cfg['image_clusterer']}: {n}" + (
+                f"\nNFCov {nfcov[n]:.1f}" if nfcov[n] is not None and np.isfinite(nfcov[n]) else ""
+            )
+            columns[title] = [
+                upsample_nearest(data[f"level_{n}_{i}"], lab.shape) for i, lab in zip(indices, labels)
+            ]
+        n_colours = max(int(m.max()) + 1 for col in columns.values() for m in col)
+        return draw_panels(images, labels, columns, dataset.num_classes, output / "panels_levels.png",
+                           n_pred_colours=n_colours)  # fmt: skip
+    return None
 
 
 def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
@@ -157,7 +200,8 @@ def _markdown(grid_name, run, cells, board, refs, per_class, written) -> str:
                   markdown_table(refs.fillna("")), ""]  # fmt: skip
     lines += ["## Per-class IoU of the best configuration (rank 1)", "", markdown_table(per_class), ""]
     figs = [("heatmap", "mIoU heatmap (image-level x dataset-level)"), ("runtime", "mIoU vs runtime"),
-            ("learners", "mIoU by feature learner"), ("panels", "Qualitative panels (image, ground truth, best configurations)")]  # fmt: skip
+            ("learners", "mIoU by feature learner"), ("panels", "Qualitative panels (image, ground truth, best configurations)"),
+            ("level_panels", "Hierarchy levels of the best configuration with levels (segments, arbitrary colours)")]  # fmt: skip
     lines += ["## Figures", ""]
     for key, title in figs:
         if written.get(key):
@@ -182,7 +226,7 @@ def _html(grid_name, run, board, refs, per_class, written) -> str:
     if refs is not None and not refs.empty:
         parts += ["<h2>Published numbers (registry cards)</h2>", refs.fillna("").to_html(index=False)]
     parts += ["<h2>Per-class IoU of the best configuration</h2>", per_class.to_html(index=False)]
-    for key in ("heatmap", "runtime", "learners", "panels"):
+    for key in ("heatmap", "runtime", "learners", "panels", "level_panels"):
         if written.get(key):
             parts.append(f"<h2>{key}</h2><img src='{Path(written[key]).name}'>")
     parts.append("</body></html>")

@@ -32,13 +32,19 @@ def draw_panels(
     predictions: dict[str, list[np.ndarray]],
     n_classes: int,
     path: Path,
+    n_pred_colours: int | None = None,
 ) -> Path:
-    """Grid of rows = images, columns = image | ground truth | one column per configuration."""
+    """Grid of rows = images, columns = image | ground truth | one column per configuration.
+
+    Predictions are class maps coloured like the ground truth, unless ``n_pred_colours`` is given: then they
+    are segment maps with that many ids, coloured from their own palette.
+    """
     cols = 2 + len(predictions)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.6 * cols, 2.1 * len(images)), squeeze=False)
     for r, (img, gt) in enumerate(zip(images, labels)):
         panels = [("image", img), ("ground truth", colourise(gt, n_classes))]
-        panels += [(name, colourise(preds[r], n_classes)) for name, preds in predictions.items()]
+        n_pred = n_pred_colours or n_classes
+        panels += [(name, colourise(preds[r], n_pred)) for name, preds in predictions.items()]
         for c, (title, im) in enumerate(panels):
             ax = axes[r][c]
             ax.imshow(im)

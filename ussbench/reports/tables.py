@@ -50,11 +50,18 @@ def leaderboard_frame(results: pd.DataFrame) -> pd.DataFrame:
         clusters=("n_clusters", "first"),
         segments=("n_segments", "mean"),
         **{c: (c, "mean") for c in TIME_COLUMNS if c in results},
+        **{f"{c}_mean": (c, "mean") for c in nfcov_columns(results)},
         peak_gpu_mb=("peak_gpu_mb", "max"),
         peak_rss_mb=("peak_rss_mb", "max"),
     ).reset_index()
     board[["miou_std", "acc_std"]] = board[["miou_std", "acc_std"]].fillna(0.0)
     return board.sort_values("miou_mean", ascending=False).reset_index(drop=True)
+
+
+def nfcov_columns(frame: pd.DataFrame) -> list[str]:
+    """NFCovering columns (segments, then hierarchy levels) present in a results frame."""
+    return sorted((c for c in frame if c == "nfcov" or (c.startswith("nfcov_") and not c.endswith("_mean"))),
+                  key=lambda c: (c != "nfcov", c))  # fmt: skip
 
 
 def pm(mean: float, std: float) -> str:
@@ -68,6 +75,11 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
     shown.insert(0, "rank", range(1, len(board) + 1))
     shown["mIoU (%)"] = [pm(m, s) for m, s in zip(board.miou_mean, board.miou_std)]
     shown["pixel acc. (%)"] = [pm(m, s) for m, s in zip(board.acc_mean, board.acc_std)]
+    for col in nfcov_columns(board.rename(columns=lambda c: c.removesuffix("_mean"))):
+        values = board[f"{col}_mean"]
+        if values.notna().any():
+            label = "NFCov segments (%)" if col == "nfcov" else f"NFCov {col.removeprefix('nfcov_')} (%)"
+            shown[label] = values.round(2)
     shown["seeds"] = board.seeds
     shown["clusters"] = board.clusters
     shown["segments"] = board.segments.round().astype(int)
