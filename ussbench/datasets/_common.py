@@ -1,15 +1,18 @@
-"""Shared readers for datasets stored as paired image / label-PNG files."""
+"""Shared readers for datasets stored as paired image / label-PNG files, and their common base class."""
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..base import Dataset
 from ..errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FileTriple = tuple[str, Path, Path]  # (image id, image path, label path)
 
 
 def resolve_root(root: str | None, data_root: str | None, default_subdir: str, dataset: str) -> Path:
@@ -73,8 +76,60 @@ def read_label_png(path: Path) -> np.ndarray:
         raise DataError(f"cannot read label {str(path)!r}: {exc}") from exc
 
 
+def identity_table(n_classes: int, size: int = 256) -> np.ndarray:
+    """Lookup table of ``size`` raw values: 0..n_classes-1 are the classes themselves, all others -1 (ignore)."""
+    table = np.full(size, -1, dtype=np.int64)
+    table[:n_classes] = np.arange(n_classes)
+    return table
+
+
 def remap(raw: np.ndarray, table: np.ndarray, path: Path) -> np.ndarray:
     """Map raw label values through a lookup table (-1 = ignore); values outside the table fail clearly."""
     if raw.size and (raw.min() < 0 or raw.max() >= len(table)):
         raise DataError(f"label file {str(path)!r} has value {int(raw.max())} outside 0..{len(table) - 1}")
     return table[raw]
+
+
+def lookup_byte_labels(
+    raw: np.ndarray, table: np.ndarray, path: Path, what: str = "label file", valid: str | None = None
+) -> np.ndarray:
+    """Map raw 0..255 label values through a 256-entry table; entries -2 (values the dataset never uses) fail."""
+    if raw.size and (raw.min() < 0 or raw.max() > 255):
+        raise DataError(f"{what} {str(path)!r} has values outside 0..255")
+    label = table[raw]
+    if valid is not None and (label == -2).any():
+        bad = int(raw[label == -2][0])
+        raise DataError(f"{what} {str(path)!r} has value {bad}; {valid}")
+    return label
+
+
+class FileListDataset(Dataset):
+    """A dataset listed once as (id, image, label) triples cut to ``limit``: RGB images, table-mapped PNG labels.
+
+    Subclasses keep their own explicit ``__init__`` (the registry reads parameters from it) and implement
+    ``_list_files``; they override ``load_image`` / ``load_label`` where their files are not RGB / label PNGs.
+    """
+
+    limit: int | None
+    _table: np.ndarray
+    _items: list[FileTriple] | None = None
+
+    @abc.abstractmethod
+    def _list_files(self) -> list[FileTriple]:
+        """Every (id, image path, label path) of the chosen split, in a fixed order, before ``limit``."""
+
+    def _files(self) -> list[FileTriple]:
+        if self._items is None:
+            items = self._list_files()
+            self._items = items[: self.limit] if self.limit else items
+        return self._items
+
+    def ids(self) -> list[str]:
+        return [i for i, _, _ in self._files()]
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_rgb(self._files()[index][1])
+
+    def load_label(self, index: int) -> np.ndarray:
+        path = self._files()[index][2]
+        return remap(read_label_png(path), self._table, path)

@@ -27,3 +27,10 @@ def check_count(n: int, expected: int | None, dataset: str, what: str) -> None:
 def first_missing(paths: list[Path]) -> Path | None:
     """The first path that is not a file, or None."""
     return next((p for p in paths if not p.is_file()), None)
+
+
+def check_listed_files(paths: list[Path], dataset: str) -> None:
+    """DataError naming the first file that an image list names but that does not exist."""
+    missing = first_missing(paths)
+    if missing is not None:
+        raise DataError(f"dataset {dataset!r}: file {str(missing)!r} named by the image list does not exist")

@@ -8,15 +8,13 @@ here become ignore directly (label ids > 33, e.g. 255).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from ..base import Dataset
 from ..errors import DataError
 from ..registry import register
-from ._common import read_label_png, read_rgb, resolve_root
+from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
 from ._lists import check_count
 
 FIRST_NONVOID = 7
@@ -62,11 +60,12 @@ def cityscapes27_lookup() -> np.ndarray:
 
 
 @register("dataset", "cityscapes27")
-class Cityscapes27(Dataset):
+class Cityscapes27(FileListDataset):
     """Cityscapes-27, gtFine labelIds - 7 (27 classes incl. parking, rail track, ...); val 500 images."""
 
     description = "Cityscapes-27, gtFine val (500 images), STEGO protocol"
 
+    # explicit signature, repeated across datasets on purpose: the registry reads parameters from it
     def __init__(
         self,
         split: Literal["val", "train"] = "val",
@@ -83,42 +82,27 @@ class Cityscapes27(Dataset):
         self.class_names = list(CITYSCAPES27_CLASSES)
         self.num_classes = 27
         self._table = cityscapes27_lookup()
-        self._items = None
 
-    def _files(self) -> list[tuple[str, Path, Path]]:
-        if self._items is None:
-            base = resolve_root(self.root, self.data_root, "cityscapes", "cityscapes27")
-            img_dir = base / "leftImg8bit" / self.split
-            gt_dir = base / "gtFine" / self.split
-            for d in (img_dir, gt_dir):
-                if not d.is_dir():
-                    raise DataError(f"dataset 'cityscapes27': folder {str(d)!r} does not exist")
-            items = []
-            for img in sorted(img_dir.glob(f"*/*{IMAGE_SUFFIX}")):
-                stem = img.name[: -len(IMAGE_SUFFIX)]
-                lab = gt_dir / img.parent.name / f"{stem}{LABEL_SUFFIX}"
-                if not lab.is_file():
-                    raise DataError(f"dataset 'cityscapes27': label file {str(lab)!r} does not exist")
-                items.append((f"{img.parent.name}/{stem}", img, lab))
-            if self.strict_count:
-                check_count(
-                    len(items),
-                    SPLIT_COUNTS[self.split],
-                    "cityscapes27",
-                    f"{self.split} split {str(img_dir)!r}",
-                )
-            self._items = items[: self.limit] if self.limit else items
-        return self._items
-
-    def ids(self) -> list[str]:
-        return [i for i, _, _ in self._files()]
-
-    def load_image(self, index: int) -> np.ndarray:
-        return read_rgb(self._files()[index][1])
+    def _list_files(self) -> list[FileTriple]:
+        base = resolve_root(self.root, self.data_root, "cityscapes", "cityscapes27")
+        img_dir = base / "leftImg8bit" / self.split
+        gt_dir = base / "gtFine" / self.split
+        for d in (img_dir, gt_dir):
+            if not d.is_dir():
+                raise DataError(f"dataset 'cityscapes27': folder {str(d)!r} does not exist")
+        items = []
+        for img in sorted(img_dir.glob(f"*/*{IMAGE_SUFFIX}")):
+            stem = img.name[: -len(IMAGE_SUFFIX)]
+            lab = gt_dir / img.parent.name / f"{stem}{LABEL_SUFFIX}"
+            if not lab.is_file():
+                raise DataError(f"dataset 'cityscapes27': label file {str(lab)!r} does not exist")
+            items.append((f"{img.parent.name}/{stem}", img, lab))
+        if self.strict_count:
+            check_count(
+                len(items), SPLIT_COUNTS[self.split], "cityscapes27", f"{self.split} split {str(img_dir)!r}"
+            )
+        return items
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
-        raw = read_label_png(path)
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DataError(f"label file {str(path)!r} has values outside 0..255")
-        return self._table[raw]
+        return lookup_byte_labels(read_label_png(path), self._table, path)

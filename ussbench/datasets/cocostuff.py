@@ -16,11 +16,10 @@ from typing import Literal
 
 import numpy as np
 
-from ..base import Dataset
 from ..errors import ConfigError, DataError
 from ..registry import register
-from ._common import read_label_png, read_rgb, resolve_root
-from ._lists import check_count, first_missing, read_list
+from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
+from ._lists import check_count, check_listed_files, read_list
 
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "cocostuff_fine_to_coarse.csv"
 CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
@@ -58,11 +57,12 @@ def coarse_lookup() -> np.ndarray:
 
 
 @register("dataset", "cocostuff27")
-class CocoStuff27(Dataset):
+class CocoStuff27(FileListDataset):
     """COCO-Stuff-27 on the curated IIC lists (val: 2,175 images); 182 fine labels -> 27 coarse classes."""
 
     description = "COCO-Stuff-27, curated val list (2,175 images), STEGO protocol"
 
+    # explicit signature, repeated across datasets on purpose: the registry reads parameters from it
     def __init__(
         self,
         split: Literal["val", "train", "train+val"] = "val",
@@ -83,52 +83,33 @@ class CocoStuff27(Dataset):
         _, self.class_names, _ = fine_to_coarse_table()
         self.num_classes = 27
         self._table = coarse_lookup()
-        self._items = None
 
     def _base(self) -> Path:
         return resolve_root(self.root, self.data_root, "cocostuff", "cocostuff27")
 
-    def _files(self) -> list[tuple[str, Path, Path]]:
-        if self._items is None:
-            base = self._base()
-            items = []
-            for split in ("train", "val") if self.split == "train+val" else (self.split,):
-                if self.list_file is None:
-                    path = base / "curated" / f"{split}2017" / CURATED_LIST
-                else:
-                    path = Path(self.list_file).expanduser()
-                    path = path if path.is_absolute() else base / path
-                ids = read_list(path, "cocostuff27", "image list (list_file)")
-                if self.strict_count and path.name == CURATED_LIST:
-                    check_count(len(ids), CURATED_COUNTS[split], "cocostuff27", f"{split} list {str(path)!r}")
-                items += [
-                    (i, base / "images" / f"{split}2017" / f"{i}.jpg", base / "annotations" / f"{split}2017" / f"{i}.png")
-                    for i in ids
-                ]  # fmt: skip
-            self._items = items[: self.limit] if self.limit else items
-        return self._items
+    def _list_files(self) -> list[FileTriple]:
+        base = self._base()
+        items = []
+        for split in ("train", "val") if self.split == "train+val" else (self.split,):
+            if self.list_file is None:
+                path = base / "curated" / f"{split}2017" / CURATED_LIST
+            else:
+                path = Path(self.list_file).expanduser()
+                path = path if path.is_absolute() else base / path
+            ids = read_list(path, "cocostuff27", "image list (list_file)")
+            if self.strict_count and path.name == CURATED_LIST:
+                check_count(len(ids), CURATED_COUNTS[split], "cocostuff27", f"{split} list {str(path)!r}")
+            items += [
+                (i, base / "images" / f"{split}2017" / f"{i}.jpg", base / "annotations" / f"{split}2017" / f"{i}.png")
+                for i in ids
+            ]  # fmt: skip
+        return items
 
     def check(self) -> None:
         super().check()
-        missing = first_missing([p for _, img, lab in self._files() for p in (img, lab)])
-        if missing is not None:
-            raise DataError(
-                f"dataset 'cocostuff27': file {str(missing)!r} named by the image list does not exist"
-            )
-
-    def ids(self) -> list[str]:
-        return [i for i, _, _ in self._files()]
-
-    def load_image(self, index: int) -> np.ndarray:
-        return read_rgb(self._files()[index][1])
+        check_listed_files([p for _, img, lab in self._files() for p in (img, lab)], "cocostuff27")
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
-        raw = read_label_png(path)
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DataError(f"label file {str(path)!r} has values outside 0..255")
-        label = self._table[raw]
-        if (label == -2).any():
-            bad = int(raw[label == -2][0])
-            raise DataError(f"label file {str(path)!r} has value {bad}; COCO-Stuff uses 0..181 and 255")
-        return label
+        valid = "COCO-Stuff uses 0..181 and 255"
+        return lookup_byte_labels(read_label_png(path), self._table, path, valid=valid)

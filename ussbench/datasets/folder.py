@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..base import Dataset
 from ..errors import ConfigError
 from ..registry import register
-from ._common import paired_files, read_label_png, read_rgb, remap, resolve_root
+from ._common import FileListDataset, FileTriple, identity_table, paired_files, resolve_root
 
 
 @register("dataset", "image_folder")
-class ImageMaskFolder(Dataset):
+class ImageMaskFolder(FileListDataset):
     """<root>/<images_dir>/<name>.{jpg,png} + <root>/<labels_dir>/<name>.png with values 0..num_classes-1."""
 
     description = "generic image + mask folder"
@@ -39,23 +36,8 @@ class ImageMaskFolder(Dataset):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.limit = limit
-        self._table = np.full(max(256, ignore_index + 1), -1, dtype=np.int64)
-        self._table[:num_classes] = np.arange(num_classes)
-        self._pairs = None
+        self._table = identity_table(num_classes, max(256, ignore_index + 1))
 
-    def _files(self):
-        if self._pairs is None:
-            base = resolve_root(self.root, self.data_root, ".", "image_folder")
-            pairs = paired_files(base / self.images_dir, base / self.labels_dir)
-            self._pairs = pairs[: self.limit] if self.limit else pairs
-        return self._pairs
-
-    def ids(self) -> list[str]:
-        return [p[0] for p in self._files()]
-
-    def load_image(self, index: int) -> np.ndarray:
-        return read_rgb(self._files()[index][1])
-
-    def load_label(self, index: int) -> np.ndarray:
-        path = self._files()[index][2]
-        return remap(read_label_png(path), self._table, path)
+    def _list_files(self) -> list[FileTriple]:
+        base = resolve_root(self.root, self.data_root, ".", "image_folder")
+        return paired_files(base / self.images_dir, base / self.labels_dir)

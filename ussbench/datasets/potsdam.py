@@ -14,11 +14,10 @@ from typing import Literal
 
 import numpy as np
 
-from ..base import Dataset
 from ..errors import DataError
 from ..registry import register
-from ._common import resolve_root
-from ._lists import first_missing, read_list
+from ._common import FileListDataset, FileTriple, lookup_byte_labels, resolve_root
+from ._lists import check_listed_files, read_list
 
 POTSDAM3_CLASSES = ["roads and cars", "buildings and clutter", "trees and vegetation"]
 FINE_TO_COARSE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
@@ -72,11 +71,12 @@ def rgb_from_rgbir(img: np.ndarray, path: Path) -> np.ndarray:
 
 
 @register("dataset", "potsdam3")
-class Potsdam3(Dataset):
+class Potsdam3(FileListDataset):
     """Potsdam-3 (IIC tiles): roads+cars / buildings+clutter / trees+vegetation; val = labelled_test."""
 
     description = "Potsdam-3, labelled_test split, STEGO protocol"
 
+    # explicit signature, repeated across datasets on purpose: the registry reads parameters from it
     def __init__(
         self,
         split: Literal["val", "train", "unlabelled_train", "train+val", "all"] = "val",
@@ -91,31 +91,20 @@ class Potsdam3(Dataset):
         self.class_names = list(POTSDAM3_CLASSES)
         self.num_classes = 3
         self._table = potsdam3_lookup()
-        self._items = None
 
-    def _files(self) -> list[tuple[str, Path, Path]]:
-        if self._items is None:
-            base = resolve_root(self.root, self.data_root, "potsdam", "potsdam3")
-            ids = []
-            for name in SPLIT_LISTS[self.split]:
-                ids += read_list(base / name, "potsdam3", f"{self.split} list")
-            items = [(i, base / "imgs" / f"{i}.mat", base / "gt" / f"{i}.mat") for i in ids]
-            self._items = items[: self.limit] if self.limit else items
-        return self._items
+    def _list_files(self) -> list[FileTriple]:
+        base = resolve_root(self.root, self.data_root, "potsdam", "potsdam3")
+        ids = []
+        for name in SPLIT_LISTS[self.split]:
+            ids += read_list(base / name, "potsdam3", f"{self.split} list")
+        return [(i, base / "imgs" / f"{i}.mat", base / "gt" / f"{i}.mat") for i in ids]
 
     def check(self) -> None:
         super().check()
         paths = [img for _, img, _ in self._files()]
         if self.split not in UNLABELLED_SPLITS:
             paths += [gt for _, _, gt in self._files()]
-        missing = first_missing(paths)
-        if missing is not None:
-            raise DataError(
-                f"dataset 'potsdam3': file {str(missing)!r} named by the image list does not exist"
-            )
-
-    def ids(self) -> list[str]:
-        return [i for i, _, _ in self._files()]
+        check_listed_files(paths, "potsdam3")
 
     def load_image(self, index: int) -> np.ndarray:
         path = self._files()[index][1]
@@ -131,10 +120,4 @@ class Potsdam3(Dataset):
             raw = raw[:, :, 0]
         if raw.ndim != 2:
             raise DataError(f"label {str(path)!r} must be (H, W), got shape {raw.shape}")
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DataError(f"label {str(path)!r} has values outside 0..255")
-        label = self._table[raw]
-        if (label == -2).any():
-            bad = int(raw[label == -2][0])
-            raise DataError(f"label {str(path)!r} has value {bad}; Potsdam uses 0..5 and 255")
-        return label
+        return lookup_byte_labels(raw, self._table, path, "label", "Potsdam uses 0..5 and 255")

@@ -6,10 +6,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..base import Dataset
 from ..errors import DataError
 from ..registry import register
-from ._common import read_label_png, read_rgb, remap, resolve_root
+from ._common import FileListDataset, FileTriple, identity_table, resolve_root
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -18,11 +17,12 @@ VOC_CLASSES = [
 
 
 @register("dataset", "voc2012")
-class VOC2012(Dataset):
+class VOC2012(FileListDataset):
     """PASCAL VOC 2012: <data_root>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}."""
 
     description = "PASCAL VOC 2012 segmentation"
 
+    # explicit signature, repeated across datasets on purpose: the registry reads parameters from it
     def __init__(
         self,
         split: Literal["train", "val", "trainval"] = "val",
@@ -36,30 +36,24 @@ class VOC2012(Dataset):
         self.limit = limit
         self.class_names = list(VOC_CLASSES)
         self.num_classes = 21
-        self._table = np.full(256, -1, dtype=np.int64)
-        self._table[:21] = np.arange(21)
-        self._ids: list[str] | None = None
+        self._table = identity_table(21)
 
-    def _base(self):
-        return resolve_root(self.root, self.data_root, "VOCdevkit/VOC2012", "voc2012")
-
-    def ids(self) -> list[str]:
-        if self._ids is None:
-            list_file = self._base() / "ImageSets" / "Segmentation" / f"{self.split}.txt"
-            if not list_file.is_file():
-                raise DataError(f"VOC split list {str(list_file)!r} does not exist")
-            ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-            self._ids = ids[: self.limit] if self.limit else ids
-        return self._ids
+    def _list_files(self) -> list[FileTriple]:
+        base = resolve_root(self.root, self.data_root, "VOCdevkit/VOC2012", "voc2012")
+        list_file = base / "ImageSets" / "Segmentation" / f"{self.split}.txt"
+        if not list_file.is_file():
+            raise DataError(f"VOC split list {str(list_file)!r} does not exist")
+        ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        return [(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
 
     def load_image(self, index: int) -> np.ndarray:
-        path = self._base() / "JPEGImages" / f"{self.ids()[index]}.jpg"
+        path = self._files()[index][1]
         if not path.is_file():
             raise DataError(f"VOC image {str(path)!r} does not exist")
-        return read_rgb(path)
+        return super().load_image(index)
 
     def load_label(self, index: int) -> np.ndarray:
-        path = self._base() / "SegmentationClass" / f"{self.ids()[index]}.png"
+        path = self._files()[index][2]
         if not path.is_file():
             raise DataError(f"VOC label {str(path)!r} does not exist")
-        return remap(read_label_png(path), self._table, path)
+        return super().load_label(index)
