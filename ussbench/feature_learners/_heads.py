@@ -1,4 +1,5 @@
-"""Projection heads and cosine prototypes shared by STEGO, HP, SmooSeg and OMH, plus the EMA update.
+"""Projection heads and cosine prototypes shared by STEGO, HP, SmooSeg and OMH, plus the EMA update and the
+point-pair correlations of STEGO's and SmooSeg's losses.
 
 Heads act on channel-first maps (B, C, h, w) with 1x1 convolutions, as in the reference code bases:
 code = Conv1x1(C->D)(drop(f)) + [Conv1x1(C->C), act, Conv1x1(C->D)](drop(f)), where the two branches see
@@ -78,6 +79,22 @@ def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
         p_ema.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine correlation of every point pair: (B, C, h, w), (B, C, i, j) -> (B, h, w, i, j)."""
+    return torch.einsum("bchw,bcij->bhwij", F.normalize(a, dim=1), F.normalize(b, dim=1))
+
+
+@torch.no_grad()
+def feature_correlation(f1: torch.Tensor, f2: torch.Tensor, pointwise: bool = True) -> torch.Tensor:
+    """Feature correlation Fc without gradient; ``pointwise``: each point's row mean removed, global mean kept."""
+    fd = correlation(f1, f2)
+    if pointwise:
+        old_mean = fd.mean()
+        fd = fd - fd.mean((3, 4), keepdim=True)
+        fd = fd - fd.mean() + old_mean
+    return fd
 
 
 def channels_first(x: torch.Tensor) -> torch.Tensor:

@@ -194,6 +194,7 @@ class HP(HeadLearner):
 
     display = "hp"
 
+    # explicit signature (registry reads it); the training and omh_* tail repeats STEGO's and SmooSeg's on purpose
     def __init__(
         self,
         num_classes: int | None = None,

@@ -73,6 +73,7 @@ class HSGLearner(FeatureLearner):
 
     version = "1"
 
+    # explicit signature (registry reads it), repeated by hsg_groups on purpose; store_params validates both
     def __init__(
         self,
         feature: Literal["tokens", "keys", "code"] = "tokens",

@@ -35,18 +35,15 @@ def level_sizes(n_classes: int, levels: int, expansion: float) -> list[int]:
 
 
 def check_omh_params(
-    omh: bool = False,
     omh_levels: int = 3,
     omh_expansion: float = 2.0,
     omh_epsilon: float = 0.02,
     omh_sparsity: float = 0.01,
     omh_structure: float = 0.3,
-    omh_match: bool = True,
     omh_sinkhorn_iters: int = 100,
-    omh_lr: float = 5e-3,
+    **unchecked: Any,
 ) -> None:
-    """One ConfigError naming the first OMH parameter out of range."""
-    del omh, omh_match, omh_lr
+    """One ConfigError naming the first OMH parameter out of range (omh, omh_match: any; omh_lr: checked with lr)."""
     if not isinstance(omh_levels, int) or omh_levels < 1:
         raise ConfigError(f"omh_levels must be an integer >= 1, got {omh_levels!r}")
     if omh_expansion < 1.0:

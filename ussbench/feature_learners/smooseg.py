@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from ..base import FeatureSet, StageContext
 from ..errors import ConfigError
 from ..registry import register
-from ._heads import CosinePrototypes, ProjectionHead, channels_first
+from ._heads import CosinePrototypes, ProjectionHead, channels_first, correlation, feature_correlation
 from ._training import HeadLearner, ViewBank, derangement
 from .omh import omh_variant
-from .stego import correlation
 
 
 def smooth_term(
@@ -32,12 +31,7 @@ def smooth_term(
     pointwise: bool = True,
 ) -> torch.Tensor:
     """Element-wise energy (Fc - shift) * (1 - corr(p1, p2)), shape (B, h, w, i, j); Fc has no gradient."""
-    with torch.no_grad():
-        fd = correlation(f1, f2)
-        if pointwise:
-            old_mean = fd.mean()
-            fd = fd - fd.mean((3, 4), keepdim=True)
-            fd = fd - fd.mean() + old_mean
+    fd = feature_correlation(f1, f2, pointwise)
     return (fd - shift) * (1.0 - correlation(p1, p2))
 
 
@@ -85,6 +79,7 @@ class SmooSeg(HeadLearner):
     display = "smooseg"
     _omh_init = "xavier"  # OMH uses SmooSeg's predictor as its cluster heads (paper Sec. 4.3)
 
+    # explicit signature (registry reads it); the training and omh_* tail repeats STEGO's and HP's on purpose
     def __init__(
         self,
         num_classes: int | None = None,
