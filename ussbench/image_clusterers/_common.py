@@ -1,4 +1,4 @@
-"""Helpers shared by image-level clusterers: picking the dense feature and pooling segment vectors."""
+"""Helpers shared by image-level clusterers: parameter checks, device, picking the dense feature, pooling."""
 
 from __future__ import annotations
 
@@ -6,6 +6,21 @@ import torch
 import torch.nn.functional as F
 
 from ..base import FeatureSet, ImageFeatures
+from ..errors import ConfigError
+
+
+def require(who: str, ok: bool, name: str, value: object, what: str) -> None:
+    """Constructor check: unless ``ok``, a ConfigError "<who>: <name> must be <what>, got <value>"."""
+    if not ok:
+        raise ConfigError(f"{who}: {name} must be {what}, got {value!r}")
+
+
+def plugin_device(device: str, who: str) -> torch.device:
+    """torch.device of a plugin's ``device`` parameter; asking for CUDA without CUDA is a ConfigError."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{who}: device={device!r} but CUDA is not available")
+    return dev
 
 
 def pick_feature(features: FeatureSet, feature: str, fallback: str) -> str:

@@ -18,10 +18,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..base import FeatureSet, StageContext
-from ._common import dense_matrix, mean_pool, pick_feature
+from ._common import dense_matrix, mean_pool, pick_feature, require
 
 SegmentVector = Literal["crop_cls", "mean", "masked_attention_cls"]
 SEGMENT_VECTORS: tuple[str, ...] = ("crop_cls", "mean", "masked_attention_cls")
+
+
+def check_segment_vector_params(who: str, n_erode: int, n_dilate: int, crop_batch_size: int) -> None:
+    """ConfigError naming the first crop parameter out of range (the same checks for DSM and ACG)."""
+    require(who, n_erode >= 0, "n_erode", n_erode, ">= 0")
+    require(who, n_dilate >= 0, "n_dilate", n_dilate, ">= 0")
+    require(who, crop_batch_size >= 1, "crop_batch_size", crop_batch_size, ">= 1")
 
 
 def erode(masks: torch.Tensor) -> torch.Tensor:

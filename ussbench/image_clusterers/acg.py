@@ -12,6 +12,7 @@ equal grid size.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Literal
 
 import torch
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..errors import ConfigError, NumericalError
 from ..registry import register
-from ._common import dense_matrix, pick_feature, relabel_consecutive
-from ._segment_vectors import segment_vectors
+from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
+from ._segment_vectors import check_segment_vector_params, segment_vectors
 from ._spectral import border_segment
 
 ACG_PRESETS = {
@@ -137,6 +138,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
 
     version = "1"
 
+    # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
     def __init__(
         self,
         feature: Literal["auto", "keys", "tokens", "code"] = "auto",
@@ -158,10 +160,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
         seed: int = 0,
         device: str = "cpu",
     ):
-        def need(ok: bool, name: str, value, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"acg: {name} must be {what}, got {value!r}")
-
+        need = partial(require, "acg")
         need(n_prototypes >= 1, "n_prototypes", n_prototypes, ">= 1 (zero prototypes give zero segments)")
         need(n_rounds >= 1, "n_rounds", n_rounds, ">= 1")
         need(n_heads >= 1, "n_heads", n_heads, ">= 1")
@@ -170,9 +169,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
         need(batch_size >= 1, "batch_size", batch_size, ">= 1")
         need(lr > 0, "lr", lr, "> 0")
         need(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
-        need(n_erode >= 0, "n_erode", n_erode, ">= 0")
-        need(n_dilate >= 0, "n_dilate", n_dilate, ">= 0")
-        need(crop_batch_size >= 1, "crop_batch_size", crop_batch_size, ">= 1")
+        check_segment_vector_params("acg", n_erode, n_dilate, crop_batch_size)
         self.feature = feature
         self.n_prototypes = n_prototypes
         self.n_rounds = n_rounds
@@ -193,10 +190,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
         self.device = device
 
     def _torch_device(self) -> torch.device:
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"acg: device={self.device!r} but CUDA is not available")
-        return dev
+        return plugin_device(self.device, "acg")
 
     def _grouped(self, features: FeatureSet, name: str, dev: torch.device):
         """Features stacked per grid size: {grid: (indices, (n, P, C) float32 on dev)}."""

@@ -9,6 +9,7 @@ segments, background = the segment owning most border patches, one vector per se
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -19,8 +20,8 @@ from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..errors import ConfigError
 from ..registry import register
 from . import _spectral as sp
-from ._common import dense_matrix, pick_feature, relabel_consecutive
-from ._segment_vectors import segment_vectors
+from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
+from ._segment_vectors import check_segment_vector_params, segment_vectors
 
 DSM_PRESETS = {
     # The reference code's CLI defaults (K=20, no colour term) with the README's semantic-segmentation
@@ -51,6 +52,7 @@ class DeepSpectral(ImageClusterer):
 
     version = "1"
 
+    # explicit signature (registry reads it); the segment-vector parameters repeat ACG's on purpose
     def __init__(
         self,
         feature: Literal["auto", "keys", "tokens", "code"] = "auto",
@@ -75,10 +77,7 @@ class DeepSpectral(ImageClusterer):
         seed: int = 0,
         device: str = "cpu",
     ):
-        def need(ok: bool, name: str, value, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"dsm: {name} must be {what}, got {value!r}")
-
+        need = partial(require, "dsm")
         need(n_eigenvectors >= 2, "n_eigenvectors", n_eigenvectors, ">= 2 (one constant + one informative)")
         need(n_segments >= 1, "n_segments", n_segments, ">= 1")
         need(color_lambda >= 0, "color_lambda", color_lambda, ">= 0")
@@ -88,12 +87,10 @@ class DeepSpectral(ImageClusterer):
             kmeans_eigenvectors,
             f"None or in [1, n_eigenvectors - 1 = {n_eigenvectors - 1}]",
         )
-        need(n_erode >= 0, "n_erode", n_erode, ">= 0")
-        need(n_dilate >= 0, "n_dilate", n_dilate, ">= 0")
         need(n_init >= 1, "n_init", n_init, ">= 1")
         need(max_iter >= 1, "max_iter", max_iter, ">= 1")
         need(eig_batch_size >= 1, "eig_batch_size", eig_batch_size, ">= 1")
-        need(crop_batch_size >= 1, "crop_batch_size", crop_batch_size, ">= 1")
+        check_segment_vector_params("dsm", n_erode, n_dilate, crop_batch_size)
         self.feature = feature
         self.n_eigenvectors = n_eigenvectors
         self.color_lambda = color_lambda
@@ -118,10 +115,7 @@ class DeepSpectral(ImageClusterer):
 
     # -- helpers --------------------------------------------------------------------------------------
     def _torch_device(self) -> torch.device:
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"dsm: device={self.device!r} but CUDA is not available")
-        return dev
+        return plugin_device(self.device, "dsm")
 
     def _dtype(self, dev: torch.device) -> torch.dtype:
         if self.eig_dtype == "auto":

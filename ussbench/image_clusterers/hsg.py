@@ -23,6 +23,7 @@ class HSGGroups(ImageClusterer):
 
     version = "1"
 
+    # explicit signature (registry reads it): the model parameters repeat the hsg learner's on purpose
     def __init__(
         self,
         level: int = 2,
