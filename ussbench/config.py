@@ -38,7 +38,10 @@ PROTOCOL_KEYS = {
     "n_clusters": ((int, type(None)), None),
     "panels": (int, 4),
     "res": ((int, type(None)), None),
+    "flip_tta": ((bool, type(None)), None),  # None: as the named protocol says
+    "crf": ((bool, type(None)), None),
 }
+BOOL_PROTOCOL_KEYS = ("flip_tta", "crf")
 PROTOCOL_CHOICES = {"name": ("default", "dsm_voc", "stego"), "matching": ("auto", "hungarian", "many_to_one"),
                     "objective": ("pixels", "iou")}  # fmt: skip
 # Parameters the runner fills in per cell when a plugin accepts them and the grid did not set them.
@@ -129,6 +132,13 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
             [_parse_entry(item, kind, f"{where}: {key}[{i}]") for i, item in enumerate(items)]
         )
     protocol = _parse_protocol(raw.get("protocol", {}) or {}, f"{where}: protocol")
+    if protocol.get("crf"):
+        for i, entry in enumerate(stages["postprocess"]):
+            if entry.name != "none":
+                raise ConfigError(
+                    f"{where}: postprocess[{i}] ({entry.name}) with protocol.crf on would post-process twice; "
+                    "set postprocess: [none] or protocol.crf: false"
+                )
     exclude = _parse_exclude(raw.get("exclude", []) or [], f"{where}: exclude")
     data_root = raw.get("data_root")
     if data_root is not None and not isinstance(data_root, str):
@@ -215,7 +225,10 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
     out = {}
     for key, (types_, default) in PROTOCOL_KEYS.items():
         value = raw.get(key, default)
-        if not isinstance(value, types_) or isinstance(value, bool):
+        if key in BOOL_PROTOCOL_KEYS:
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+        elif not isinstance(value, types_) or isinstance(value, bool):
             raise ConfigError(f"{where}.{key}: expected {types_}, got {value!r}")
         if key in PROTOCOL_CHOICES and value not in PROTOCOL_CHOICES[key]:
             raise ConfigError(
@@ -227,15 +240,31 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{where}: unknown key {key!r}{_suggest(key, PROTOCOL_KEYS)}; expected {', '.join(PROTOCOL_KEYS)}"
             )
-    if out["name"] != "default":  # a named protocol fixes matching/objective unless the grid overrides them
-        from .evaluation.protocols import get_protocol
+    from .evaluation.protocols import get_protocol
 
-        spec = get_protocol(out["name"], **({"res": out["res"]} if out["res"] else {}))
+    # A named protocol fixes matching/objective/flip TTA/CRF unless the grid overrides them. flip_tta and crf
+    # enter the protocol dict (and so the cell ids) only where they can matter: protocols that upsample codes
+    # (stego) or a grid that sets them; other grids keep the cell ids they had before these keys existed.
+    overrides = {k: out[k] for k in ("res", *BOOL_PROTOCOL_KEYS) if out[k] is not None}
+    spec = get_protocol(out["name"], **overrides)
+    if out["name"] != "default":
         if out["res"] is None:
             out["res"] = spec.res
         for key in ("matching", "objective"):
             if key not in raw:
                 out[key] = getattr(spec, key)
+    for key in BOOL_PROTOCOL_KEYS:
+        if out[key] is None:
+            out[key] = getattr(spec, key) if spec.upsample == "bilinear_code" else None
+        if out[key] is None:
+            del out[key]
+    if spec.flip_tta and spec.resize == "original":
+        raise ConfigError(f"{where}.flip_tta: protocol {spec.name!r} evaluates at the original resolution, where "
+                          "flipped codes are not averaged; flip TTA needs protocol name: stego")  # fmt: skip
+    if spec.crf and not spec.crf_preset:
+        raise ConfigError(
+            f"{where}.crf: protocol {spec.name!r} has no CRF preset; use postprocess: [crf] instead"
+        )
     if out["n_clusters"] is not None and out["n_clusters"] < 1:
         raise ConfigError(f"{where}.n_clusters: expected a positive integer, got {out['n_clusters']}")
     return out

@@ -15,13 +15,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__, registry
 from .base import Backbone, Dataset, FeatureSet, Segmentation, StageContext
 from .cache import Cache, stable_hash
 from .config import StageEntry
+from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
+from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
+from .image_clusterers._common import pick_feature
 
 STAGE_ORDER = (
     "dataset",
@@ -106,6 +110,7 @@ class StageMemo:
     """In-process memos shared by the cells of one grid run."""
 
     features: LRU = field(default_factory=lambda: LRU(1))
+    flipped: LRU = field(default_factory=lambda: LRU(1))  # features of the mirrored view (flip TTA)
     learned: LRU = field(default_factory=lambda: LRU(1))
     segments: LRU = field(default_factory=lambda: LRU(3))
     labels: LRU = field(default_factory=lambda: LRU(1))
@@ -116,12 +121,14 @@ class CellRunner:
     """Runs cells against one cache, device and protocol, reusing shared stages."""
 
     def __init__(self, cache: Cache, device: torch.device, protocol: dict[str, Any], data_root: str | None,
-                 progress: bool = True):  # fmt: skip
+                 progress: bool = True, crf_workers: int | None = None):  # fmt: skip
         self.cache = cache
         self.device = device
         self.protocol = protocol
+        self.spec: ProtocolSpec = resolve_protocol(protocol)
         self.data_root = data_root
         self.progress = progress
+        self.crf_workers = crf_workers  # protocol CRF pool size; None: serial on <= 2 CPUs, else up to 8
         self.memo = StageMemo()
 
     # -- stage helpers ----------------------------------------------------------------------------------
@@ -141,12 +148,14 @@ class CellRunner:
         self.cache.save(stage, key, value)
         return value, False
 
-    def features(self, dataset: Dataset, backbone: Backbone) -> tuple[FeatureSet, str, float, bool]:
+    def features(self, dataset: Dataset, backbone: Backbone, memo: LRU | None = None
+                 ) -> tuple[FeatureSet, str, float, bool]:  # fmt: skip
         key = stable_hash({"dataset": dataset.cache_identity(), "backbone": backbone.cache_identity(),
                            "ussbench": __version__})  # fmt: skip
+        memo = self.memo.features if memo is None else memo
 
         def compute():
-            return self.memo.features.get_or(
+            return memo.get_or(
                 key,
                 lambda: self._cached(
                     "features", key, lambda: backbone.extract(dataset, self.device, self.progress)
@@ -172,9 +181,9 @@ class CellRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         t_cell = time.perf_counter()
         dev = str(self.device)
-        dataset: Dataset = protocol_view(
-            build_plugin(cell.entry("dataset"), {"data_root": self.data_root}), self.protocol
-        )
+        spec = self.spec
+        raw_dataset: Dataset = build_plugin(cell.entry("dataset"), {"data_root": self.data_root})
+        dataset: Dataset = spec.view(raw_dataset)
         backbone: Backbone = build_plugin(
             cell.entry("backbone"), {"cache_dir": str(self.cache.root or "")} if self.cache.root else {}
         )
@@ -184,25 +193,44 @@ class CellRunner:
         features, feat_key, row["time_features_s"], row["features_reused"] = self.features(dataset, backbone)
         ctx = StageContext(self.device, seed, dataset, backbone, num_classes, self.progress)
         artifacts: dict[str, Any] = {}
+        learner_entry = cell.entry("feature_learner")
+
+        # protocol path: codes upsampled bilinearly to the pixels (stego) where every patch is a segment
+        bilinear = spec.upsample == "bilinear_code" and cell.entry("image_clusterer").name == "none"
+        # flipped features serve flip TTA, and the learner's flipped codes (stored with the learned entry,
+        # which image clusterers of every kind share, so they are computed whenever a learner runs)
+        need_flip = spec.flip_tta and (bilinear or not learner_entry.skipped)
+        flipped: FeatureSet | None = None
+        if need_flip:
+            flip_dataset = spec.view(raw_dataset, flip=True)
+            flipped, flip_key, row["time_features_flipped_s"], _ = self.features(
+                flip_dataset, backbone, self.memo.flipped
+            )
 
         # feature learner
         upstream = feat_key
-        learner_entry = cell.entry("feature_learner")
         row["time_feature_learner_s"] = 0.0
         if not learner_entry.skipped:
             learner = build_plugin(learner_entry, {"seed": seed, "device": dev, "num_classes": num_classes})
-            lkey = stable_hash({"up": feat_key, "learner": plugin_identity(learner)})
+            lkey = stable_hash({"up": feat_key, "learner": plugin_identity(learner),
+                                **({"flip_tta_up": flip_key} if need_flip else {})})  # fmt: skip
 
             def fit_learner():
                 learner.fit(features, ctx)
                 out = learner.transform(features, ctx)
-                return {"codes": [im.code for im in out], "artifacts": learner.artifacts()}
+                stored = {"codes": [im.code for im in out], "artifacts": learner.artifacts()}
+                if need_flip:
+                    fctx = StageContext(self.device, seed, flip_dataset, backbone, num_classes, self.progress)
+                    stored["flipped_codes"] = [im.code for im in learner.transform(flipped, fctx)]
+                return stored
 
             def learned():
                 return self.memo.learned.get_or(lkey, lambda: self._cached("learned", lkey, fit_learner)[0])
 
             stored, row["time_feature_learner_s"], _ = self._timed("learned:" + lkey, learned)
             features = features.with_code(stored["codes"], learner=learner_entry.label)
+            if need_flip:
+                flipped = flipped.with_code(stored["flipped_codes"], learner=learner_entry.label)
             artifacts["feature_learner"] = stored["artifacts"]
             upstream = lkey
 
@@ -240,30 +268,45 @@ class CellRunner:
         artifacts["dataset_clusterer"] = dc.artifacts()
         n_pred = k_dc + int(has_bg)
 
-        # evaluation: stream every image into one confusion matrix
+        # evaluation: stream every image into one confusion matrix (two with the protocol's CRF: after, before)
         t0 = time.perf_counter()
         post_entry = cell.entry("postprocess")
         post = None if post_entry.name == "none" else build_plugin(post_entry, {"seed": seed, "device": dev})
+        if post is not None and spec.crf:  # load_grid refuses this; guard direct callers too
+            raise ConfigError(f"postprocess {post_entry.name!r} together with protocol {spec.name!r}'s CRF")
         labels = self.labels(dataset, feat_key)
+        if bilinear:
+            ic_feature = pick_feature(features, getattr(ic, "feature", "auto"), "tokens")
+            pixels = bilinear_pixel_predictions(
+                features, flipped if spec.flip_tta else None, ic_feature, bool(getattr(ic, "normalise", True)),
+                dc, [lab.shape for lab in labels], n_pred, self.device,
+            )  # fmt: skip
+        else:
+            pixels = nearest_pixel_predictions(
+                segments, fg_masks, assigned, k_dc, [lab.shape for lab in labels]
+            )
+        row.update(upsample="bilinear_code" if bilinear else "nearest_labels", flip_tta=bool(bilinear and spec.flip_tta),
+                   protocol_crf="none")  # fmt: skip
         conf = ConfusionMatrix(n_pred, num_classes)
+        conf_no_crf = ConfusionMatrix(n_pred, num_classes) if spec.crf else None
         panel_ids = panel_indices(len(segments), int(self.protocol.get("panels", 4)))
         panels: dict[str, np.ndarray] = {}
-        offset = 0
-        for i, (seg, fg) in enumerate(
-            tqdm(list(zip(segments, fg_masks)), desc="evaluate", disable=not self.progress, leave=False)
-        ):
-            seg_labels = torch.full((seg.n_segments,), k_dc, dtype=torch.long)  # background -> k_dc
-            n_fg = int(fg.sum())
-            seg_labels[fg] = assigned[offset : offset + n_fg]
-            offset += n_fg
-            grid = seg_labels[seg.segment_map.long()].numpy()
-            gt = labels[i]
-            pred = upsample_nearest(grid, gt.shape)
-            if post is not None:
-                pred = post.apply(dataset.load_image(i), pred, n_pred)
-            conf.update(pred, gt)
+
+        def finish(i: int, pred: np.ndarray, before_crf: np.ndarray | None = None) -> None:
+            conf.update(pred, labels[i])
+            if conf_no_crf is not None and before_crf is not None:
+                conf_no_crf.update(before_crf, labels[i])
             if i in panel_ids:
                 panels[str(i)] = pred.astype(np.int16)
+
+        progress = tqdm(pixels, total=len(segments), desc="evaluate", disable=not self.progress, leave=False)
+        if spec.crf:
+            row["protocol_crf"], row["time_crf_s"] = self._protocol_crf(dataset, progress, n_pred, finish)
+        else:
+            for i, pred, _ in progress:
+                if post is not None:
+                    pred = post.apply(dataset.load_image(i), pred, n_pred)
+                finish(i, pred)
         row["time_eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         row.update(segment_covering(segments, labels, dataset, cell.entry("dataset").name))
@@ -274,6 +317,11 @@ class CellRunner:
             for name, level in segments[i].levels.items()
         }
         scores = evaluate_counts(conf.counts, self.protocol["matching"], self.protocol["objective"])
+        if conf_no_crf is not None:  # its own Hungarian, as the reference reports the two numbers
+            before = evaluate_counts(
+                conf_no_crf.counts, self.protocol["matching"], self.protocol["objective"]
+            )
+            row.update(miou_no_crf=before.miou * 100.0, pixel_accuracy_no_crf=before.pixel_accuracy * 100.0)
         row.update(
             miou=scores.miou * 100.0,
             pixel_accuracy=scores.pixel_accuracy * 100.0,
@@ -292,6 +340,7 @@ class CellRunner:
             "mapping": scores.mapping.tolist(),
             "class_names": dataset.class_names,
             "confusion": conf.counts.tolist(),
+            **({"confusion_no_crf": conf_no_crf.counts.tolist()} if conf_no_crf is not None else {}),
             "panels": panels,
             "level_panels": level_panels,
             "artifacts": artifacts,
@@ -302,16 +351,107 @@ class CellRunner:
         }  # fmt: skip
         return row, extras
 
+    def _protocol_crf(
+        self, dataset: Dataset, pixels, n_pred: int, finish: Callable[..., None]
+    ) -> tuple[str, float]:
+        """Refine every prediction with the protocol's dense CRF (its ``crf_preset``), a few images at a time.
 
-def protocol_view(dataset: Dataset, protocol: dict[str, Any]) -> Dataset:
+        The unary is the per-pixel scores where the path has them (soft), else the hard labels. One
+        :class:`CRFPool` serves the cell when ``crf_workers`` > 1. Returns (unary kind, CRF seconds).
+        """
+        from . import registry
+        from .postprocess.crf import CRFPool, crf_batch, default_workers
+
+        crf_spec = registry.get("postprocess", "crf")
+        plugin = registry.instantiate(crf_spec, registry.resolve_params(crf_spec, {}, self.spec.crf_preset,
+                                                                        where=f"protocol {self.spec.name}"))  # fmt: skip
+        workers = self.crf_workers
+        if workers is None:
+            workers = default_workers() if default_workers() > 2 else 1
+        pool = CRFPool(workers) if workers > 1 else None
+        chunk = 2 * workers if pool is not None else 1
+        kinds: set[str] = set()
+        seconds = 0.0
+        buffer: list[tuple[int, np.ndarray, torch.Tensor | None]] = []
+
+        def flush() -> None:
+            nonlocal seconds
+            soft = plugin.use_probs and all(s is not None for _, _, s in buffer)
+            kinds.add("soft" if soft else "labels")
+            t = time.perf_counter()
+            refined = crf_batch(
+                [dataset.load_image(i) for i, _, _ in buffer], [p for _, p, _ in buffer], n_pred,
+                probs_list=[s for _, _, s in buffer] if soft else None, workers=1, timeout=plugin.timeout,
+                params=plugin.params, scores="logits", pool=pool,
+            )  # fmt: skip
+            seconds += time.perf_counter() - t
+            for (i, before, _), pred in zip(buffer, refined):
+                finish(i, pred, before)
+            buffer.clear()
+
+        try:
+            for item in pixels:
+                buffer.append(item)
+                if len(buffer) >= chunk:
+                    flush()
+            if buffer:
+                flush()
+        finally:
+            if pool is not None:
+                pool.close()
+        return ("+".join(sorted(kinds)) or "none"), seconds
+
+
+def resolve_protocol(protocol: dict[str, Any]) -> ProtocolSpec:
+    """The grid's protocol as a :class:`ProtocolSpec`: the named one with the grid's res/flip_tta/crf set."""
+    overrides = {k: protocol[k] for k in ("res", "flip_tta", "crf") if protocol.get(k) is not None}
+    return get_protocol(protocol.get("name", "default"), **overrides)
+
+
+def protocol_view(dataset: Dataset, protocol: dict[str, Any], flip: bool = False) -> Dataset:
     """The dataset as the named protocol evaluates it (STEGO: short side resized to res, centre crop)."""
-    name = protocol.get("name", "default")
-    if name == "default":
+    if protocol.get("name", "default") == "default" and not flip:
         return dataset
-    from .evaluation.protocols import get_protocol
+    return resolve_protocol(protocol).view(dataset, flip=flip)
 
-    spec = get_protocol(name, **({"res": protocol["res"]} if protocol.get("res") else {}))
-    return spec.view(dataset)
+
+def nearest_pixel_predictions(segments: list[Segmentation], fg_masks: list[torch.Tensor], assigned: torch.Tensor,
+                              k_dc: int, sizes: list[tuple[int, int]]):  # fmt: skip
+    """Per image (index, (H, W) int64 labels, None): segment labels on the patch grid, upsampled nearest."""
+    offset = 0
+    for i, (seg, fg) in enumerate(zip(segments, fg_masks)):
+        seg_labels = torch.full((seg.n_segments,), k_dc, dtype=torch.long)  # background -> k_dc
+        n_fg = int(fg.sum())
+        seg_labels[fg] = assigned[offset : offset + n_fg]
+        offset += n_fg
+        yield i, upsample_nearest(seg_labels[seg.segment_map.long()].numpy(), sizes[i]), None
+
+
+def bilinear_pixel_predictions(features: FeatureSet, flipped: FeatureSet | None, feature: str, normalise: bool,
+                               clusterer: Any, sizes: list[tuple[int, int]], n_pred: int, device: torch.device):  # fmt: skip
+    """Per image (index, (H, W) int64 labels, (K, H, W) scores or None) from codes upsampled to the pixels.
+
+    The STEGO evaluation: the dense map ``feature`` (h, w, D) of each image, averaged with the unflipped map of
+    its mirror image when ``flipped`` is given, is upsampled bilinearly to the label size; a clusterer with
+    ``logits`` (the cluster probe) scores every pixel (``log_softmax(alpha cos)``, argmax = the label), any
+    other labels the pixel vectors (L2-normalised when the segment vectors were) with ``predict``.
+    """
+    scored = callable(getattr(clusterer, "logits", None))
+    for i, size in enumerate(sizes):
+        code = features[i].dense(feature).float()
+        if flipped is not None:
+            code = flip_average(code, flipped[i].dense(feature).float())
+        if scored:
+            scores = stego_pixel_logits(code.to(device), clusterer, tuple(size)).float().cpu()
+            pred = scores.argmax(0).numpy().astype(np.int64)
+        else:
+            up = upsample_code(code, tuple(size))
+            up = F.normalize(up, dim=-1) if normalise else up
+            pred = clusterer.predict(up.reshape(-1, up.shape[-1])).long().cpu().reshape(size).numpy()
+            scores = None
+        if pred.size and (int(pred.min()) < 0 or int(pred.max()) >= n_pred):
+            raise ValueError(f"dataset clusterer returned pixel labels outside [0, {n_pred})")
+        yield i, pred, scores
 
 
 def segment_covering(

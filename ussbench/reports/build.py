@@ -180,11 +180,37 @@ def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]]) ->
     return [
         f"Grid **{grid_name}** (`{run.get('grid_file', '?')}`), started {run.get('started', '?')}.",
         f"Data: {'; '.join(datasets)}. Backbone(s): {', '.join(backbones)}.",
-        f"Protocol: one cluster-to-class match over all valid pixels of the split (matching `{protocol.get('matching')}`, "
-        f"objective `{protocol.get('objective')}`), predictions upsampled (nearest) to label resolution; "
+        f"Protocol{_protocol_steps(protocol, cells)}; one cluster-to-class match over all valid pixels of the split "
+        f"(matching `{protocol.get('matching')}`, objective `{protocol.get('objective')}`); "
         "mIoU over classes with a defined IoU; mean ± std over seeds.",
         f"Machine: {machine}, device `{env.get('device', '?')}`. Versions: {versions}.",
     ]
+
+
+def _protocol_steps(protocol: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    """How the cells reached their pixel predictions, from the protocol and what each row records."""
+    from ..pipeline import resolve_protocol
+
+    spec = resolve_protocol(protocol)
+    rows = [c["row"] for c in cells]
+    steps = []
+    if spec.resize == "short_side_center_crop":
+        steps.append(f"{spec.res} short side ({spec.rgb_interpolation.upper()}), centre crop")
+    if any(r.get("flip_tta") for r in rows):
+        steps.append("flip TTA")
+    bilinear = [c for c in cells if c["row"].get("upsample") == "bilinear_code"]
+    if bilinear:
+        probe = all(
+            c.get("params", {}).get("dataset_clusterer", {}).get("name") == "cluster_probe" for c in bilinear
+        )
+        steps.append("codes bilinear, " + ("cluster probe" if probe else "dataset clusterer") + " per pixel")
+        if len(bilinear) < len(cells):
+            steps[-1] += " (segment-based rows: labels upsampled nearest)"
+    else:
+        steps.append("predictions upsampled (nearest) to label resolution")
+    if any(r.get("protocol_crf", "none") != "none" for r in rows):
+        steps += [f"dense CRF ({spec.crf_preset} preset)", "numbers with and without CRF"]
+    return (f" `{spec.name}`" if spec.name != "default" else "") + ": " + ", ".join(steps)
 
 
 def _markdown(grid_name, run, cells, board, refs, per_class, written) -> str:

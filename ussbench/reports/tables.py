@@ -34,7 +34,15 @@ def results_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    first = ["cell_id", *STAGE_COLUMNS, "seed", "miou", "pixel_accuracy"]
+    first = [
+        "cell_id",
+        *STAGE_COLUMNS,
+        "seed",
+        "miou",
+        "pixel_accuracy",
+        "miou_no_crf",
+        "pixel_accuracy_no_crf",
+    ]
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
 
 
@@ -51,9 +59,16 @@ def leaderboard_frame(results: pd.DataFrame) -> pd.DataFrame:
         segments=("n_segments", "mean"),
         **{c: (c, "mean") for c in TIME_COLUMNS if c in results},
         **{f"{c}_mean": (c, "mean") for c in nfcov_columns(results)},
+        **(
+            {"miou_no_crf_mean": ("miou_no_crf", "mean"), "miou_no_crf_std": ("miou_no_crf", "std")}
+            if "miou_no_crf" in results
+            else {}
+        ),  # the protocol's CRF ran: the number before it
         peak_gpu_mb=("peak_gpu_mb", "max"),
         peak_rss_mb=("peak_rss_mb", "max"),
     ).reset_index()
+    if "miou_no_crf_std" in board:  # one seed: std 0 (rows without the number stay blank in the display)
+        board["miou_no_crf_std"] = board.miou_no_crf_std.fillna(0.0)
     board[["miou_std", "acc_std"]] = board[["miou_std", "acc_std"]].fillna(0.0)
     return board.sort_values("miou_mean", ascending=False).reset_index(drop=True)
 
@@ -74,6 +89,9 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
     shown = board[varying].copy()
     shown.insert(0, "rank", range(1, len(board) + 1))
     shown["mIoU (%)"] = [pm(m, s) for m, s in zip(board.miou_mean, board.miou_std)]
+    if "miou_no_crf_mean" in board and board.miou_no_crf_mean.notna().any():
+        shown["mIoU no CRF (%)"] = [pm(m, s) if pd.notna(m) else "" for m, s in
+                                    zip(board.miou_no_crf_mean, board.miou_no_crf_std)]  # fmt: skip
     shown["pixel acc. (%)"] = [pm(m, s) for m, s in zip(board.acc_mean, board.acc_std)]
     for col in nfcov_columns(board.rename(columns=lambda c: c.removesuffix("_mean"))):
         values = board[f"{col}_mean"]
