@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,16 @@ def check_positive(who: str, **values: float | int | None) -> None:
             raise ConfigError(f"{who}: {name} must be > 0, got {value!r}")
 
 
+def check_choice(who: str, name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``choices`` (listed as 'a', 'b' or 'c'; longer as a tuple)."""
+    if value not in choices:
+        if len(choices) <= 3:
+            listed = " or ".join([", ".join(repr(c) for c in choices[:-1]), repr(choices[-1])])
+        else:
+            listed = f"one of {tuple(choices)}"
+        raise ConfigError(f"{who}: {name} must be {listed}, got {value!r}")
+
+
 def resolve_device(device: str, who: str) -> torch.device:
     """torch.device for ``device``; a CUDA request without CUDA falls back to CPU with a logged warning."""
     try:
@@ -64,6 +75,22 @@ def resolve_device(device: str, who: str) -> torch.device:
         log.warning("%s: device %r requested but CUDA is not available; running on CPU", who, device)
         return torch.device("cpu")
     return dev
+
+
+def prepare_input(
+    transform: InputTransform,
+    X: torch.Tensor,
+    n_clusters: int,
+    who: str,
+    device: str,
+    *,
+    allow_zero: bool = False,
+    fit: bool = False,
+) -> torch.Tensor:
+    """Check X, move it to the plugin's device and map it through the input transform (fitted first if ``fit``)."""
+    X = check_matrix(X, n_clusters, who, allow_zero=allow_zero)
+    X = X.to(resolve_device(device, who))
+    return transform.fit_transform(X) if fit else transform.transform(X)
 
 
 class Standardiser:
@@ -192,6 +219,11 @@ def random_points(X: torch.Tensor, n_clusters: int, rng: np.random.Generator) ->
     """k distinct rows of X chosen uniformly at random (the study's OTC initialisation)."""
     idx = rng.choice(X.shape[0], size=n_clusters, replace=False)
     return X[torch.as_tensor(idx, device=X.device)].clone()
+
+
+def initial_points(X: torch.Tensor, n_clusters: int, init: str, rng: np.random.Generator) -> torch.Tensor:
+    """Seed centroids among the rows of X: k-means++ for init 'k-means++', else k distinct random rows."""
+    return kmeans_plusplus(X, n_clusters, rng) if init == "k-means++" else random_points(X, n_clusters, rng)
 
 
 def check_labels_finite(value: torch.Tensor, who: str, what: str) -> None:

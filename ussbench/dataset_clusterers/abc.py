@@ -22,6 +22,7 @@ from ..base import DatasetClusterer
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import (
+    check_choice,
     check_matrix,
     check_positive,
     kmeans_plusplus,
@@ -175,12 +176,9 @@ class AttentionClusterer(DatasetClusterer):
             "abc", n_clusters=n_clusters, n_steps=n_steps, n_heads=n_heads, mlp_ratio=mlp_ratio, lr=lr,
             epochs=epochs, batch_size=batch_size,
         )  # fmt: skip
-        if architecture not in ARCHITECTURES:
-            raise ConfigError(f"abc: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        if disjointness not in ("sum", "per_point"):
-            raise ConfigError(f"abc: disjointness must be 'sum' or 'per_point', got {disjointness!r}")
-        if init not in ("points", "k-means++", "random"):
-            raise ConfigError(f"abc: init must be 'points', 'k-means++' or 'random', got {init!r}")
+        check_choice("abc", "architecture", architecture, ARCHITECTURES)
+        check_choice("abc", "disjointness", disjointness, ("sum", "per_point"))
+        check_choice("abc", "init", init, ("points", "k-means++", "random"))
         if weight_decay < 0:
             raise ConfigError(f"abc: weight_decay must be >= 0, got {weight_decay}")
         if (

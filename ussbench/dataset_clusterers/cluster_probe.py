@@ -20,6 +20,7 @@ from ..base import DatasetClusterer
 from ..errors import ConfigError
 from ..registry import register
 from ._common import (
+    check_choice,
     check_labels_finite,
     check_matrix,
     check_positive,
@@ -59,8 +60,7 @@ class ClusterProbe(DatasetClusterer):
         if steps < 0:
             raise ConfigError(f"cluster_probe: steps must be >= 0, got {steps}")
         check_positive("cluster_probe", batch_size=batch_size, lr=lr, alpha=alpha)
-        if init not in ("randn", "sample", "kmeans++"):
-            raise ConfigError(f"cluster_probe: init must be 'randn', 'sample' or 'kmeans++', got {init!r}")
+        check_choice("cluster_probe", "init", init, ("randn", "sample", "kmeans++"))
         self.n_clusters = n_clusters
         self.steps = steps
         self.batch_size = batch_size

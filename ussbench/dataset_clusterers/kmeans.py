@@ -18,13 +18,13 @@ from ..errors import ConfigError
 from ..registry import register
 from ._common import (
     InputTransform,
+    check_choice,
     check_labels_finite,
     check_matrix,
     check_positive,
-    kmeans_plusplus,
+    initial_points,
     l2_normalise,
-    random_points,
-    resolve_device,
+    prepare_input,
     sq_distances,
 )
 
@@ -130,12 +130,9 @@ class KMeansClusterer(DatasetClusterer):
         check_positive("kmeans", pca_dim=pca_dim)
         if tol < 0:
             raise ConfigError(f"kmeans: tol must be >= 0, got {tol}")
-        if engine not in ENGINES:
-            raise ConfigError(f"kmeans: engine must be one of {ENGINES}, got {engine!r}")
-        if metric not in ("l2", "cosine"):
-            raise ConfigError(f"kmeans: metric must be 'l2' or 'cosine', got {metric!r}")
-        if init not in ("k-means++", "random"):
-            raise ConfigError(f"kmeans: init must be 'k-means++' or 'random', got {init!r}")
+        check_choice("kmeans", "engine", engine, ENGINES)
+        check_choice("kmeans", "metric", metric, ("l2", "cosine"))
+        check_choice("kmeans", "init", init, ("k-means++", "random"))
         self.n_clusters = n_clusters
         self.engine = engine
         self.metric = metric
@@ -152,32 +149,29 @@ class KMeansClusterer(DatasetClusterer):
 
     # -- fitting ---------------------------------------------------------------------------------------
 
-    def _check(self, X: torch.Tensor, n_clusters: int) -> torch.Tensor:
-        needs_norm = self.normalise_input or self.metric == "cosine"
-        return check_matrix(X, n_clusters, "kmeans", allow_zero=not needs_norm)
+    def _allow_zero(self) -> bool:
+        """A zero vector is an ordinary point only for L2 k-means on unnormalised input."""
+        return not (self.normalise_input or self.metric == "cosine")
 
     def initial_centroids(self, Z: torch.Tensor, restart: int) -> torch.Tensor:
         """The seeded initial centroids of one restart, in the preprocessed space (shared by all engines)."""
-        rng = np.random.default_rng([self.seed, restart])
-        if self.init == "random":
-            C0 = random_points(Z, self.n_clusters, rng)
-        else:
-            C0 = kmeans_plusplus(Z, self.n_clusters, rng)
+        C0 = initial_points(Z, self.n_clusters, self.init, np.random.default_rng([self.seed, restart]))
         return l2_normalise(C0) if self.metric == "cosine" else C0
 
     def fit(self, X: torch.Tensor, init_centroids: torch.Tensor | None = None) -> KMeansClusterer:
         """Run n_init restarts and keep the lowest inertia; ``init_centroids`` (k, D') overrides the seeding."""
-        X = self._check(X, self.n_clusters)
-        dev = resolve_device(self.device, "kmeans")
-        self.transform_ = InputTransform(
+        transform = InputTransform(
             self.standardise, self.normalise_input, self.pca_dim, self.metric == "cosine", "kmeans"
         )
-        Z = self.transform_.fit_transform(X.to(dev))
+        Z = prepare_input(
+            transform, X, self.n_clusters, "kmeans", self.device, allow_zero=self._allow_zero(), fit=True
+        )
+        self.transform_ = transform
         tol_abs = self.tol * float(Z.var(0, unbiased=False).mean())
         best: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
         for restart in range(1 if init_centroids is not None else self.n_init):
             if init_centroids is not None:
-                C0 = torch.as_tensor(init_centroids, dtype=torch.float32, device=dev)
+                C0 = torch.as_tensor(init_centroids, dtype=torch.float32, device=Z.device)
                 if C0.shape != (self.n_clusters, Z.shape[1]):
                     raise ValueError(
                         f"kmeans: init_centroids must have shape {(self.n_clusters, Z.shape[1])}, "
@@ -244,9 +238,7 @@ class KMeansClusterer(DatasetClusterer):
         """X in the space the centroids live in (after the fitted standardise / normalise / PCA)."""
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("kmeans: call fit before predict")
-        X = self._check(X, 1)
-        dev = resolve_device(self.device, "kmeans")
-        return self.transform_.transform(X.to(dev))
+        return prepare_input(self.transform_, X, 1, "kmeans", self.device, allow_zero=self._allow_zero())
 
     def predict(self, X: torch.Tensor) -> torch.Tensor:
         Z = self.transform(X)

@@ -22,13 +22,12 @@ from ..ot import sinkhorn_log_potentials
 from ..registry import register
 from ._common import (
     InputTransform,
+    check_choice,
     check_labels_finite,
-    check_matrix,
     check_positive,
-    kmeans_plusplus,
+    initial_points,
     l2_normalise,
-    random_points,
-    resolve_device,
+    prepare_input,
 )
 
 log = logging.getLogger(__name__)
@@ -97,10 +96,8 @@ class OTClusterer(DatasetClusterer):
         )  # fmt: skip
         if tol is not None and tol < 0:
             raise ConfigError(f"otc: tol must be >= 0 or null, got {tol}")
-        if init not in ("random", "k-means++"):
-            raise ConfigError(f"otc: init must be 'random' or 'k-means++', got {init!r}")
-        if predict_assign not in ("plan", "nearest"):
-            raise ConfigError(f"otc: predict_assign must be 'plan' or 'nearest', got {predict_assign!r}")
+        check_choice("otc", "init", init, ("random", "k-means++"))
+        check_choice("otc", "predict_assign", predict_assign, ("plan", "nearest"))
         self.n_clusters = n_clusters
         self.n_iter = n_iter
         self.epsilon = epsilon
@@ -121,17 +118,10 @@ class OTClusterer(DatasetClusterer):
         return ot_plan(Z @ C.T.contiguous(), self.epsilon, self.sinkhorn_iter, g if self.warm_start else None)
 
     def fit(self, X: torch.Tensor) -> OTClusterer:
-        X = check_matrix(X, self.n_clusters, "otc")
-        dev = resolve_device(self.device, "otc")
-        self.transform_ = InputTransform(self.standardise, True, self.pca_dim, True, "otc")
-        Z = self.transform_.fit_transform(X.to(dev))
-        rng = np.random.default_rng(self.seed)
-        C = (
-            random_points(Z, self.n_clusters, rng)
-            if self.init == "random"
-            else kmeans_plusplus(Z, self.n_clusters, rng)
-        )
-        C = l2_normalise(C)
+        transform = InputTransform(self.standardise, True, self.pca_dim, True, "otc")
+        Z = prepare_input(transform, X, self.n_clusters, "otc", self.device, fit=True)
+        self.transform_ = transform
+        C = l2_normalise(initial_points(Z, self.n_clusters, self.init, np.random.default_rng(self.seed)))
         n = Z.shape[0]
         self.n_iter_ = 0
         g = None
@@ -163,10 +153,8 @@ class OTClusterer(DatasetClusterer):
         """Labels by argmax of the OT plan against the learned centroids (or nearest centroid)."""
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("otc: call fit before predict")
-        X = check_matrix(X, 1, "otc")
-        dev = resolve_device(self.device, "otc")
-        Z = self.transform_.transform(X.to(dev))
-        C = torch.from_numpy(self.cluster_centers_).to(dev)
+        Z = prepare_input(self.transform_, X, 1, "otc", self.device)
+        C = torch.from_numpy(self.cluster_centers_).to(Z.device)
         if self.predict_assign == "nearest" or Z.shape[0] < self.n_clusters:
             return (Z @ C.T.contiguous()).argmax(1).long().cpu()
         return self._plan(Z, C)[0].argmax(1).long().cpu()
