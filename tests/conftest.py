@@ -1,11 +1,13 @@
-"""Shared fixtures: a tiny synthetic image+mask folder and a tiny grid file that runs in seconds."""
+"""Shared fixtures: a tiny synthetic image+mask folder, a tiny grid file that runs in seconds, one torch thread."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -34,6 +36,15 @@ def write_toy_folder(root: Path, n_images: int = 6, size: tuple[int, int] = (48,
 @pytest.fixture
 def toy_root(tmp_path: Path) -> Path:
     return write_toy_folder(tmp_path / "toy")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test (use per module): tiny tensors on 2 shared cores only spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_grid(tmp_path: Path, data_root: Path, **overrides) -> Path:

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from sklearn.datasets import make_blobs
+from _helpers import assert_rejects_degenerate_inputs, blobs, checked_card
 from sklearn.metrics import adjusted_rand_score
 
 import ussbench.dataset_clusterers.abc as abc_module
-from ussbench import registry
 from ussbench.dataset_clusterers.abc import ABCNet, AttentionClusterer, CrossAttention, FeedForward, abc_loss
 from ussbench.errors import ConfigError, NumericalError
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _blobs(sizes, dim=16, seed=0):
-    X, y = make_blobs(sizes, n_features=dim, cluster_std=0.5, random_state=seed, center_box=(-10, 10))
-    return torch.tensor(X, dtype=torch.float32), y
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _soft_sizes(model: AttentionClusterer, X: torch.Tensor) -> torch.Tensor:
@@ -62,7 +45,7 @@ def test_one_hot_balanced_assignment_has_zero_loss():
 
 @pytest.mark.parametrize("architecture", ["attn_mlp", "2attn_mlp", "identical", "mlp"])
 def test_blobs_recovered_and_loss_decreases(architecture):
-    X, y = _blobs([50, 50, 50, 50], seed=0)
+    X, y = blobs([50, 50, 50, 50], seed=0)
     model = AttentionClusterer(4, architecture=architecture, lr=1e-3, epochs=60, seed=0).fit(X)
     labels = model.predict(X)
     assert labels.dtype == torch.int64 and labels.shape == (200,)
@@ -76,11 +59,11 @@ def test_blobs_recovered_and_loss_decreases(architecture):
 
 def test_size_bounds_are_enforced_when_active():
     # Lower bound N/k^2 = 34.7 above a 12-point blob: the small cluster is pushed up to the bound.
-    X, _ = _blobs([150, 150, 12], seed=0)
+    X, _ = blobs([150, 150, 12], seed=0)
     model = AttentionClusterer(3, lr=1e-3, epochs=60, seed=0).fit(X)
     assert _soft_sizes(model, X).min() >= 0.9 * 312 / 3**2
     # Upper bound N/sqrt(k) = 130 below a 200-point blob: its soft mass is pushed down to the bound.
-    X, _ = _blobs([200, 20, 20, 20], seed=0)
+    X, _ = blobs([200, 20, 20, 20], seed=0)
     model = AttentionClusterer(4, lr=1e-3, epochs=60, seed=0).fit(X)
     soft = _soft_sizes(model, X)
     assert soft.max() <= 1.05 * 260 / 4**0.5
@@ -118,7 +101,7 @@ def test_initial_scores_are_correlations_with_the_seeds():
 
 
 def test_seeded_and_deterministic():
-    X, _ = _blobs([30, 30, 30], seed=2)
+    X, _ = blobs([30, 30, 30], seed=2)
     a = AttentionClusterer(3, epochs=5, seed=4).fit(X)
     b = AttentionClusterer(3, epochs=5, seed=4).fit(X)
     assert a.loss_history_ == b.loss_history_
@@ -128,7 +111,7 @@ def test_seeded_and_deterministic():
 
 
 def test_nan_loss_raises(monkeypatch):
-    X, _ = _blobs([20, 20], seed=3)
+    X, _ = blobs([20, 20], seed=3)
 
     def nan_loss(*args, **kwargs):
         return torch.tensor(float("nan"), requires_grad=True), {}
@@ -139,18 +122,9 @@ def test_nan_loss_raises(monkeypatch):
 
 
 def test_degenerate_inputs_raise_clear_errors():
-    X, _ = _blobs([10, 10], seed=8)
+    X, _ = blobs([10, 10], seed=8)
     model = AttentionClusterer(5, epochs=1)
-    with pytest.raises(ValueError, match="n_clusters=5 exceeds"):
-        model.fit(X[:4])
-    bad = X.clone()
-    bad[7, 3] = float("nan")
-    with pytest.raises(NumericalError, match="row 7"):
-        model.fit(bad)
-    zero = X.clone()
-    zero[1] = 0
-    with pytest.raises(ValueError, match="zero vectors"):
-        model.fit(zero)
+    assert_rejects_degenerate_inputs(model.fit, X, 5, bad_entry=(7, 3, float("nan")), zero_row=1)
     with pytest.raises(RuntimeError, match="fit"):
         AttentionClusterer(2).predict(X)
 
@@ -164,15 +138,11 @@ def test_bad_parameters_raise():
         AttentionClusterer(disjointness="mean")
     with pytest.raises(ConfigError, match="lr"):
         AttentionClusterer(lr=0)
-    X, _ = _blobs([10, 10], seed=9)
+    X, _ = blobs([10, 10], seed=9)
     with pytest.raises(ConfigError, match="n_heads=3"):
         AttentionClusterer(2, n_heads=3, epochs=1).fit(X)
 
 
 def test_card_matches_registry():
-    spec = registry.get("dataset_clusterer", "abc")
-    card = yaml.safe_load((ROOT / "registry/dataset_clusterer/abc.yaml").read_text())
-    assert card["entry_point"] == "ussbench.dataset_clusterers.abc:AttentionClusterer"
-    assert card["defaults"] == spec.defaults()
-    assert card["presets"] == spec.presets
+    card = checked_card("dataset_clusterer", "abc", "ussbench.dataset_clusterers.abc:AttentionClusterer")
     assert {p["value"] for p in card["published"]} >= {30.42, 25.64, 13.47, 26.38, 25.1895, 26.72, 27.11}

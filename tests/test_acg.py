@@ -14,14 +14,7 @@ from ussbench.errors import ConfigError
 from ussbench.image_clusterers._spectral import same_partition
 from ussbench.image_clusterers.acg import AdaptiveConceptGenerator, modularity_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Other engineers' tests share the 2 cores: oversubscribed intra-op threads only slow things down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
 
 
 def two_region_maps(n: int = 8, h: int = 6, w: int = 6, dim: int = 32, noise: float = 0.1, seed: int = 0):

@@ -22,13 +22,7 @@ from ussbench.image_clusterers.dsm import DeepSpectral
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 210], [230, 220, 30]], dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Other engineers' tests share the 2 cores: oversubscribed intra-op threads only slow things down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
 
 
 def stripes(k: int, h: int, w: int) -> torch.Tensor:

@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from sklearn.datasets import make_blobs
+from _helpers import assert_rejects_degenerate_inputs, blobs, checked_card
 from sklearn.metrics import adjusted_rand_score
 
-from ussbench import registry
 from ussbench.dataset_clusterers.otc import OTClusterer, ot_plan
 from ussbench.errors import ConfigError, NumericalError
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _blobs(sizes, dim=16, std=0.5, seed=0):
-    X, y = make_blobs(sizes, n_features=dim, cluster_std=std, random_state=seed, center_box=(-10, 10))
-    return torch.tensor(X, dtype=torch.float32), y
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("k", "seed"), [(3, 0), (4, 1), (6, 2)])
 def test_blobs_recovered_exactly_with_study_settings(k, seed):
-    X, y = _blobs([50] * k, seed=seed)
+    X, y = blobs([50] * k, seed=seed)
     otc = OTClusterer(n_clusters=k, seed=seed)  # defaults = study: 200 iters, temp 0.02, 10 Sinkhorn iters
     labels = otc.fit(X).predict(X)
     assert adjusted_rand_score(y, labels.numpy()) == 1.0
@@ -43,7 +27,7 @@ def test_blobs_recovered_exactly_with_study_settings(k, seed):
 
 def test_cold_start_is_the_literal_variant():
     """Without warm-started potentials, 10 Sinkhorn steps at temp 0.02 can stall on separated blobs."""
-    X, y = _blobs([50] * 3, seed=1)
+    X, y = blobs([50] * 3, seed=1)
     cold = [OTClusterer(3, seed=s, warm_start=False, n_iter=60).fit(X).labels_ for s in range(4)]
     assert any(adjusted_rand_score(y, c.numpy()) < 1.0 for c in cold)
 
@@ -57,7 +41,7 @@ def test_plan_has_the_requested_marginals():
 
 def test_equal_cluster_mass_splits_an_oversized_blob():
     """k-means keeps a 3x larger blob whole; OT with equal masses must give every cluster N/k points."""
-    X, _ = _blobs([150, 50, 50, 50], seed=3)
+    X, _ = blobs([150, 50, 50, 50], seed=3)
     otc = OTClusterer(4, seed=0, n_iter=100, sinkhorn_iter=20).fit(X)
     torch.testing.assert_close(otc.cluster_mass_, torch.full((4,), 75.0), atol=0.5, rtol=0)
     sizes = torch.bincount(otc.labels_, minlength=4)  # hard argmax: close to, not exactly, 75 each
@@ -65,7 +49,7 @@ def test_equal_cluster_mass_splits_an_oversized_blob():
 
 
 def test_non_convergence_is_logged(caplog):
-    X, _ = _blobs([150, 50, 50, 50], seed=3)
+    X, _ = blobs([150, 50, 50, 50], seed=3)
     with caplog.at_level(logging.WARNING, logger="ussbench.dataset_clusterers.otc"):
         otc = OTClusterer(4, n_iter=2, sinkhorn_iter=1, marginal_tol=1e-6, warm_start=False).fit(X)
     assert otc.marginal_error_ > 1e-6
@@ -81,7 +65,7 @@ def test_nan_similarities_retry_in_float64_then_raise(caplog):
 
 
 def test_seeded_and_deterministic():
-    X, _ = _blobs([40, 40, 40], std=3.0, seed=5)
+    X, _ = blobs([40, 40, 40], std=3.0, seed=5)
     a = OTClusterer(3, seed=7, n_iter=30).fit(X)
     b = OTClusterer(3, seed=7, n_iter=30).fit(X)
     assert torch.equal(a.labels_, b.labels_)
@@ -89,24 +73,15 @@ def test_seeded_and_deterministic():
 
 
 def test_standardise_and_nearest_assignment():
-    X, y = _blobs([40, 40, 40], seed=6)
+    X, y = blobs([40, 40, 40], seed=6)
     otc = OTClusterer(3, standardise=True, predict_assign="nearest", n_iter=50).fit(X)
     assert adjusted_rand_score(y, otc.predict(X).numpy()) == 1.0
 
 
 def test_degenerate_inputs_raise_clear_errors():
-    X, _ = _blobs([10, 10], seed=8)
+    X, _ = blobs([10, 10], seed=8)
     otc = OTClusterer(5, n_iter=5)
-    with pytest.raises(ValueError, match="n_clusters=5 exceeds"):
-        otc.fit(X[:3])
-    bad = X.clone()
-    bad[4, 0] = float("inf")
-    with pytest.raises(NumericalError, match="row 4"):
-        otc.fit(bad)
-    zero = X.clone()
-    zero[2] = 0
-    with pytest.raises(ValueError, match="zero vectors"):
-        otc.fit(zero)
+    assert_rejects_degenerate_inputs(otc.fit, X, 5, bad_entry=(4, 0, float("inf")), zero_row=2)
 
 
 def test_bad_parameters_raise():
@@ -119,9 +94,5 @@ def test_bad_parameters_raise():
 
 
 def test_card_matches_registry():
-    spec = registry.get("dataset_clusterer", "otc")
-    card = yaml.safe_load((ROOT / "registry/dataset_clusterer/otc.yaml").read_text())
-    assert card["entry_point"] == "ussbench.dataset_clusterers.otc:OTClusterer"
-    assert card["defaults"] == spec.defaults()
-    assert card["presets"] == spec.presets
+    card = checked_card("dataset_clusterer", "otc", "ussbench.dataset_clusterers.otc:OTClusterer")
     assert {p["value"] for p in card["published"]} >= {25.25, 23.69}
