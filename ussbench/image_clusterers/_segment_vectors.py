@@ -11,14 +11,15 @@ features (no extra forward). Crops of any size run batched: tokens are padded an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..base import FeatureSet, StageContext
+from ..base import FeatureSet, Segmentation, StageContext
 from ._common import dense_matrix, mean_pool, pick_feature, require
+from ._spectral import border_segment
 
 SegmentVector = Literal["crop_cls", "mean", "masked_attention_cls"]
 SEGMENT_VECTORS: tuple[str, ...] = ("crop_cls", "mean", "masked_attention_cls")
@@ -195,4 +196,25 @@ def segment_vectors(
     for s in n_segs:
         out.append(cls[start : start + s])
         start += s
+    return out
+
+
+def segmentations(
+    clusterer: Any,
+    features: FeatureSet,
+    maps: Sequence[torch.Tensor],
+    ctx: StageContext,
+    device: torch.device,
+) -> list[Segmentation]:
+    """Segmentations of the maps with a clusterer's segment-vector parameters (DSM's and ACG's names) and its
+    ``background`` rule ('border': the segment owning most border patches keeps its own label)."""
+    vectors = segment_vectors(
+        clusterer.segment_vector, features, maps, ctx, mean_feature=clusterer.mean_feature,
+        n_erode=clusterer.n_erode, n_dilate=clusterer.n_dilate, batch_size=clusterer.crop_batch_size,
+        device=device,
+    )  # fmt: skip
+    out = []
+    for m, v in zip(maps, vectors):
+        bg = border_segment(m, int(v.shape[0])) if clusterer.background == "border" else None
+        out.append(Segmentation(m, v.float(), background=bg))
     return out

@@ -24,8 +24,7 @@ from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
-from ._segment_vectors import check_segment_vector_params, segment_vectors
-from ._spectral import border_segment
+from ._segment_vectors import check_segment_vector_params, segmentations
 
 ACG_PRESETS = {
     # The semester study's training recipe (batch = images: the modularity graph is per image).
@@ -273,15 +272,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
         return maps  # type: ignore[return-value]
 
     def predict(self, features: FeatureSet, ctx: StageContext) -> list[Segmentation]:
-        maps = self.segment(features)
-        vectors = segment_vectors(
-            self.segment_vector, features, maps, ctx, mean_feature=self.mean_feature, n_erode=self.n_erode,
-            n_dilate=self.n_dilate, batch_size=self.crop_batch_size, device=self._torch_device(),
-        )  # fmt: skip
-        out = []
-        for m, v in zip(maps, vectors):
-            bg = border_segment(m, int(v.shape[0])) if self.background == "border" else None
-            out.append(Segmentation(m, v.float(), background=bg))
+        out = segmentations(self, features, self.segment(features), ctx, self._torch_device())
         self.n_segments_ = [s.n_segments for s in out]
         return out
 

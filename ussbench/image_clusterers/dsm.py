@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..registry import register
 from . import _spectral as sp
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
-from ._segment_vectors import check_segment_vector_params, segment_vectors
+from ._segment_vectors import check_segment_vector_params, segmentations
 
 DSM_PRESETS = {
     # The reference code's CLI defaults (K=20, no colour term) with the README's semantic-segmentation
@@ -209,16 +209,7 @@ class DeepSpectral(ImageClusterer):
         return maps  # type: ignore[return-value]
 
     def predict(self, features: FeatureSet, ctx: StageContext) -> list[Segmentation]:
-        maps = self.segment(features, ctx)
-        vectors = segment_vectors(
-            self.segment_vector, features, maps, ctx, mean_feature=self.mean_feature, n_erode=self.n_erode,
-            n_dilate=self.n_dilate, batch_size=self.crop_batch_size, device=self._torch_device(),
-        )  # fmt: skip
-        out = []
-        for m, v in zip(maps, vectors):
-            n = int(v.shape[0])
-            bg = sp.border_segment(m, n) if self.background == "border" else None
-            out.append(Segmentation(m, v.float(), background=bg))
+        out = segmentations(self, features, self.segment(features, ctx), ctx, self._torch_device())
         self.n_segments_ = [s.n_segments for s in out]
         return out
 
