@@ -12,14 +12,7 @@ from ussbench import registry
 from ussbench.dataset_clusterers.cluster_probe import ClusterProbe, probe_loss
 from ussbench.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
 
 
 def blobs(k: int = 4, d: int = 8, n: int = 100, noise: float = 0.15, seed: int = 0):

@@ -71,13 +71,7 @@ def toy_ctx(n: int = 6) -> StageContext:
     return StageContext(torch.device("cpu"), 0, ToyDataset(n), backbone=None, num_classes=3, progress=False)  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription when other test runs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
 
 
 def test_transitions_are_row_stochastic_and_compose():

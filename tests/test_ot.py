@@ -10,14 +10,7 @@ import torch
 from ussbench.errors import NumericalError
 from ussbench.ot import sinkhorn_log, sinkhorn_log_potentials
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: threading only costs time on the shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
 
 
 def _problem(n: int, m: int, seed: int, uniform: bool):
