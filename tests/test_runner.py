@@ -182,3 +182,17 @@ def test_stego_protocol_evaluates_on_centre_crops(tmp_path, toy_root):
     # toy images are 48x64 with a void last column: a 32x32 centre crop keeps 32*32 labelled pixels
     assert cell["row"]["n_pixels"] == 32 * 32 * 6
     assert (grid.output / "panels.png").is_file()
+
+
+def test_cells_of_an_earlier_grid_version_stay_out_of_the_report(tmp_path, toy_root):
+    """Editing the grid and re-running into the same folder reports only the current grid's cells."""
+    first = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    run_grid(first, progress=False)
+    second = load_grid(
+        tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    )
+    summary = run_grid(second, progress=False)
+    assert summary.n_resumed == 1 and len(list((summary.output / "cells").glob("*.json"))) == 2
+    results = pd.read_csv(summary.output / "results.csv")
+    assert list(results.image_clusterer) == ["none"]
+    assert "km3" not in (summary.output / "leaderboard.md").read_text()

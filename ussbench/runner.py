@@ -164,7 +164,8 @@ def run_grid(
     if report:
         from .reports.build import build_report
 
-        build_report(out, grid_name=grid.name, stage_order=[_STAGE_KEY_OF[k] for k in STAGE_ORDER])
+        build_report(out, grid_name=grid.name, stage_order=[_STAGE_KEY_OF[k] for k in STAGE_ORDER],
+                     cell_ids={cell.cell_id(grid.protocol) for cell in cells})  # fmt: skip
     return summary
 
 

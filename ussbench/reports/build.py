@@ -24,13 +24,28 @@ PLUGIN_KINDS = {"dataset": "dataset", "backbone": "backbone", "feature_learner":
 
 
 def build_report(
-    output: Path, grid_name: str, stage_order: list[str] | None = None, n_panel_configs: int = 3
+    output: Path,
+    grid_name: str,
+    stage_order: list[str] | None = None,
+    n_panel_configs: int = 3,
+    cell_ids: set[str] | None = None,
 ) -> dict[str, Path]:
-    """(Re)build every report file from the finished cells in ``output/cells``."""
+    """(Re)build every report file from the finished cells in ``output/cells``.
+
+    ``cell_ids``: report only these cells (the current grid's), so cells left by an earlier version of the
+    grid file in the same folder never leak into the leaderboard; None reports every cell found.
+    """
     from ..runner import load_cells
 
     output = Path(output)
     cells = load_cells(output)
+    if cell_ids is not None:
+        stale = [c for c in cells if c["row"]["cell_id"] not in cell_ids]
+        if stale:
+            log.warning(
+                "report: %d cell(s) in %s are not in the current grid; left out", len(stale), output / "cells"
+            )
+        cells = [c for c in cells if c["row"]["cell_id"] in cell_ids]
     if not cells:
         raise ValueError(f"no finished cells in {output / 'cells'}; nothing to report")
     results = results_frame(cells)
@@ -56,7 +71,7 @@ def build_report(
     md = _markdown(grid_name, run, cells, board, refs, per_class, written)
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
     written["html"] = atomic_write_text(
-        output / "leaderboard.html", _html(grid_name, run, board, refs, per_class, written)
+        output / "leaderboard.html", _html(grid_name, run, cells, board, refs, per_class, written)
     )
     return {k: v for k, v in written.items() if v is not None}
 
@@ -239,14 +254,11 @@ def _markdown(grid_name, run, cells, board, refs, per_class, written) -> str:
     return "\n".join(lines)
 
 
-def _html(grid_name, run, board, refs, per_class, written) -> str:
+def _html(grid_name, run, cells, board, refs, per_class, written) -> str:
     style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}img{max-width:100%}")  # fmt: skip
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(grid_name)}</title><style>{style}</style></head><body>",
              f"<h1>Leaderboard: {html.escape(grid_name)}</h1><ul>"]  # fmt: skip
-    from ..runner import load_cells
-
-    cells = load_cells(Path(written["csv"]).parent)
     parts += [f"<li>{html.escape(line).replace('**', '')}</li>" for line in _header(grid_name, run, cells)]
     parts += ["</ul><h2>Leaderboard</h2>", leaderboard_display(board).to_html(index=False)]
     if refs is not None and not refs.empty:
