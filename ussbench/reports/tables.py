@@ -97,7 +97,7 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
         values = board[f"{col}_mean"]
         if values.notna().any():
             label = "NFCov segments (%)" if col == "nfcov" else f"NFCov {col.removeprefix('nfcov_')} (%)"
-            shown[label] = values.round(2)
+            shown[label] = values.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")  # blank: no such level
     shown["seeds"] = board.seeds
     shown["clusters"] = board.clusters
     shown["segments"] = board.segments.round().astype(int)
