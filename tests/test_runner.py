@@ -196,3 +196,16 @@ def test_cells_of_an_earlier_grid_version_stay_out_of_the_report(tmp_path, toy_r
     results = pd.read_csv(summary.output / "results.csv")
     assert list(results.image_clusterer) == ["none"]
     assert "km3" not in (summary.output / "leaderboard.md").read_text()
+
+
+def test_a_plugin_version_bump_reruns_its_cells(tmp_path, toy_root, monkeypatch):
+    """Cells are identified by their plugins' code versions too: a changed plugin is never resumed."""
+    from ussbench import registry
+
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    assert run_grid(grid, progress=False).n_run == 2
+    patches = registry.get("image_clusterer", "none").cls
+    monkeypatch.setattr(patches, "version", str(getattr(patches, "version", "1")) + "-changed")
+    again = run_grid(grid, progress=False)
+    assert (again.n_run, again.n_resumed) == (1, 1)
+    assert len(pd.read_csv(again.output / "results.csv")) == 2

@@ -51,10 +51,23 @@ class Cell:
         return {e.kind: e.label for e in self.entries}
 
     def identity(self, protocol: dict[str, Any]) -> dict[str, Any]:
-        return {"stages": [e.identity() for e in self.entries], "seed": self.seed, "protocol": protocol}
+        """What a finished cell's result depends on: stage choices, each plugin's code version, seed, protocol.
+
+        The plugin versions make a grid re-run a cell whose plugin changed behaviour (its ``version`` bumped)
+        instead of resuming a result the current code would not produce.
+        """
+        stages = [{**e.identity(), "version": plugin_version(e)} for e in self.entries]
+        return {"stages": stages, "seed": self.seed, "protocol": protocol}
 
     def cell_id(self, protocol: dict[str, Any]) -> str:
         return stable_hash(self.identity(protocol), 16)
+
+
+def plugin_version(entry: StageEntry) -> str | None:
+    """The registered plugin class's ``version`` (None for a skipped stage)."""
+    if entry.skipped:
+        return None
+    return str(getattr(registry.get(entry.kind, entry.name).cls, "version", "1"))
 
 
 def build_plugin(entry: StageEntry, injections: dict[str, Any]) -> Any:
