@@ -79,8 +79,9 @@ def nfcov_columns(frame: pd.DataFrame) -> list[str]:
                   key=lambda c: (c != "nfcov", c))  # fmt: skip
 
 
-def pm(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}"
+def pm(mean: float, std: float, n_seeds: int = 2) -> str:
+    """mean ± std over seeds; a single seed has no spread to show."""
+    return f"{mean:.2f} ± {std:.2f}" if n_seeds > 1 else f"{mean:.2f} (1 seed)"
 
 
 def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
@@ -88,11 +89,11 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
     varying = [c for c in STAGE_COLUMNS if board[c].nunique() > 1] or ["image_clusterer", "dataset_clusterer"]
     shown = board[varying].copy()
     shown.insert(0, "rank", range(1, len(board) + 1))
-    shown["mIoU (%)"] = [pm(m, s) for m, s in zip(board.miou_mean, board.miou_std)]
+    shown["mIoU (%)"] = [pm(m, s, n) for m, s, n in zip(board.miou_mean, board.miou_std, board.seeds)]
     if "miou_no_crf_mean" in board and board.miou_no_crf_mean.notna().any():
-        shown["mIoU no CRF (%)"] = [pm(m, s) if pd.notna(m) else "" for m, s in
-                                    zip(board.miou_no_crf_mean, board.miou_no_crf_std)]  # fmt: skip
-    shown["pixel acc. (%)"] = [pm(m, s) for m, s in zip(board.acc_mean, board.acc_std)]
+        shown["mIoU no CRF (%)"] = [pm(m, s, n) if pd.notna(m) else "" for m, s, n in
+                                    zip(board.miou_no_crf_mean, board.miou_no_crf_std, board.seeds)]  # fmt: skip
+    shown["pixel acc. (%)"] = [pm(m, s, n) for m, s, n in zip(board.acc_mean, board.acc_std, board.seeds)]
     for col in nfcov_columns(board.rename(columns=lambda c: c.removesuffix("_mean"))):
         values = board[f"{col}_mean"]
         if values.notna().any():
