@@ -97,31 +97,44 @@ def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_CONFIG_KEYS = [
+    "dataset",
+    "backbone",
+    "feature_learner",
+    "image_clusterer",
+    "dataset_clusterer",
+    "postprocess",
+]
+
+
 def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame:
     """Per-class IoU (mean over seeds) of the best configuration."""
     best = board.iloc[0]
-    keys = ["dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess"]
-    chosen = [c for c in cells if all(c["row"][k] == best[k] for k in keys)]
+    chosen = [c for c in cells if all(c["row"][k] == best[k] for k in _CONFIG_KEYS)]
     frame = pd.DataFrame(
         [{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()} for c in chosen]
     )
     return pd.DataFrame({"class": frame.columns, "IoU (%)": frame.mean().round(2).values})
 
 
+def _first_seed_arrays(output: Path, cells: list[dict[str, Any]], cfg: pd.Series) -> tuple[list[dict], Any]:
+    """The cells of one leaderboard row sorted by seed, and the saved panel arrays of its first seed (or None)."""
+    chosen = sorted(
+        (c for c in cells if all(c["row"][k] == cfg[k] for k in _CONFIG_KEYS)), key=lambda c: c["row"]["seed"]
+    )
+    npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
+    return chosen, (np.load(npz) if npz.is_file() else None)
+
+
 def _panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame, n_configs: int) -> Path | None:
-    keys = ["dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess"]
     top = board.head(n_configs)
     dataset_params = None
     predictions: dict[str, list[np.ndarray]] = {}
     indices: list[int] = []
     for _, cfg in top.iterrows():
-        chosen = sorted(
-            (c for c in cells if all(c["row"][k] == cfg[k] for k in keys)), key=lambda c: c["row"]["seed"]
-        )
-        npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
-        if not npz.is_file():
+        chosen, data = _first_seed_arrays(output, cells, cfg)
+        if data is None:
             continue
-        data = np.load(npz)
         indices = sorted(int(k.split("_")[1]) for k in data.files if k.startswith("pred_"))
         mapping = np.asarray(chosen[0]["mapping"])
         name = f"{cfg['image_clusterer']} + {cfg['dataset_clusterer']}" + (
@@ -152,15 +165,10 @@ def _level_panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame
     """Image | ground truth | each hierarchy level of the best configuration whose segments carry levels."""
     from ..pipeline import upsample_nearest
 
-    keys = ["dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess"]
     for _, cfg in board.iterrows():
-        chosen = sorted(
-            (c for c in cells if all(c["row"][k] == cfg[k] for k in keys)), key=lambda c: c["row"]["seed"]
-        )
-        npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
-        if not npz.is_file():
+        chosen, data = _first_seed_arrays(output, cells, cfg)
+        if data is None:
             continue
-        data = np.load(npz)
         level_keys = [k for k in data.files if k.startswith("level_")]
         if not level_keys:
             continue
