@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from _learner_toys import toy_ctx, toy_features
 
+from tests.conftest import tiny_grid
 from ussbench import registry
+from ussbench.config import load_grid
 from ussbench.errors import ConfigError
 from ussbench.feature_learners.omh import (
     OMHHeads,
@@ -20,6 +22,7 @@ from ussbench.feature_learners.omh import (
     transported,
 )
 from ussbench.feature_learners.stego import STEGO
+from ussbench.runner import run_grid
 
 
 def test_level_sizes():
@@ -171,3 +174,19 @@ def test_plot_hierarchy_writes_figure(tmp_path):
     assert (tmp_path / "fig3.png").stat().st_size > 1000 and path.endswith("fig3.png")
     with pytest.raises(ValueError, match="single level"):
         plot_hierarchy(OMHHeads(3, 4, levels=1).hierarchy(), str(tmp_path / "x.png"))
+
+
+def test_report_draws_figure3_from_the_best_omh_cell(tmp_path, toy_root):
+    """A grid with an OMH learner gets omh_hierarchy.png from the saved plans; one without gets none."""
+    small = {"steps": 2, "batch_size": 2, "dim": 8, "crop_size": 2, "feature_samples": 2, "neg_samples": 1,
+             "num_neighbors": 2}  # fmt: skip
+    learners = [{"name": "stego_omh", "label": "omh3", "params": small},
+                {"name": "stego_omh", "label": "omh1", "params": {**small, "omh_levels": 1}}]  # fmt: skip
+    common = {"seeds": [0], "image_clusterers": ["none"], "dataset_clusterers": ["kmeans"]}
+    with_plans = run_grid(load_grid(tiny_grid(tmp_path, toy_root, feature_learners=learners, **common)),
+                          progress=False)  # fmt: skip
+    assert (with_plans.output / "omh_hierarchy.png").stat().st_size > 1000
+    assert "omh_hierarchy.png" in (with_plans.output / "leaderboard.md").read_text()
+    single = run_grid(load_grid(tiny_grid(tmp_path, toy_root, feature_learners=learners[1:], output=str(tmp_path / "b"), **common)),
+                      progress=False)  # fmt: skip
+    assert not (single.output / "omh_hierarchy.png").exists()

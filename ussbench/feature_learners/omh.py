@@ -179,10 +179,13 @@ def omh_variant(base: type, doc: str) -> type:
                                 "__qualname__": name})  # fmt: skip
 
 
-def plot_hierarchy(info: dict[str, Any], path: str, pair: int = 0) -> str:
+def plot_hierarchy(
+    info: dict[str, Any], path: str, pair: int = 0, title: str | None = None, file_format: str | None = None
+) -> str:
     """Save the paper's Figure 3 for one level pair: centre affinities sim+ (left) beside the OT plan A.
 
-    ``info`` is ``artifacts()["omh"]`` of an OMH learner (or ``OMHHeads.hierarchy()``); returns ``path``.
+    ``info`` is ``artifacts()["omh"]`` of an OMH learner (or ``OMHHeads.hierarchy()``); ``title`` goes above
+    both panels; ``file_format`` overrides the one read from ``path``'s suffix. Returns ``path``.
     """
     import matplotlib
 
@@ -195,13 +198,15 @@ def plot_hierarchy(info: dict[str, Any], path: str, pair: int = 0) -> str:
         raise ValueError(f"plot_hierarchy: pair must lie in [0, {len(info['plans'])}), got {pair}")
     z, a = info["affinities"][pair], info["plans"][pair]
     fig, axes = plt.subplots(1, 2, figsize=(10, 10 * a.shape[0] / a.shape[1] / 2 + 1.2))
-    for ax, mat, title in ((axes[0], z, "affinity sim+(H(i), H(i+1))"), (axes[1], a, "OT plan A(i,i+1)")):
+    for ax, mat, panel in ((axes[0], z, "affinity sim+(H(i), H(i+1))"), (axes[1], a, "OT plan A(i,i+1)")):
         im = ax.imshow(mat, cmap="viridis", aspect="auto")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel(f"level {pair + 1} clusters ({mat.shape[1]})")
         ax.set_ylabel(f"level {pair} clusters ({mat.shape[0]})")
         fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=file_format)
     plt.close(fig)
     return path

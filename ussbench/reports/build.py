@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -59,7 +60,8 @@ def build_report(
     written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png")
     written["learners"] = figures.learner_bars(results, output / "miou_by_learner.png")
     for key, draw in (("panels", lambda: _panels(output, cells, board, n_panel_configs)),
-                      ("level_panels", lambda: _level_panels(output, cells, board))):  # fmt: skip
+                      ("level_panels", lambda: _level_panels(output, cells, board)),
+                      ("omh_hierarchy", lambda: _omh_hierarchy(output, cells, board))):  # fmt: skip
         try:
             written[key] = draw()
         except Exception as exc:  # panels need the data; a report without them is still a report
@@ -192,6 +194,29 @@ def _level_panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame
     return None
 
 
+def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame) -> Path | None:
+    """Figure 3 of the OMH paper (affinity sim+ beside the OT plan, finest level pair) for the best-ranked
+    configuration whose learner kept an OMH hierarchy of two or more levels (first seed's saved artifacts)."""
+    import torch
+
+    from ..feature_learners.omh import plot_hierarchy
+
+    for _, cfg in board.iterrows():
+        chosen = [c for c in cells if all(c["row"][k] == cfg[k] for k in _CONFIG_KEYS)]
+        first = min(chosen, key=lambda c: c["row"]["seed"])
+        path = output / "cells" / f"{first['row']['cell_id']}.artifacts.pt"
+        if not path.is_file():
+            continue
+        info = (torch.load(path, weights_only=False).get("feature_learner") or {}).get("omh") or {}
+        if not info.get("plans"):
+            continue
+        title = (f"{cfg['feature_learner']} on {cfg['dataset']} (seed {first['row']['seed']}, "
+                 f"mIoU {cfg['miou_mean']:.1f})")  # fmt: skip
+        draw = functools.partial(plot_hierarchy, info, title=title, file_format="png")
+        return atomic_write(output / "omh_hierarchy.png", lambda tmp, draw=draw: draw(str(tmp)))
+    return None
+
+
 def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
     env = run.get("environment", {})
     first = cells[0]
@@ -250,7 +275,8 @@ def _markdown(grid_name, run, cells, board, refs, per_class, written) -> str:
     lines += ["## Per-class IoU of the best configuration (rank 1)", "", markdown_table(per_class), ""]
     figs = [("heatmap", "mIoU heatmap (image-level x dataset-level)"), ("runtime", "mIoU vs runtime"),
             ("learners", "mIoU by feature learner"), ("panels", "Qualitative panels (image, ground truth, best configurations)"),
-            ("level_panels", "Hierarchy levels of the best configuration with levels (segments, arbitrary colours)")]  # fmt: skip
+            ("level_panels", "Hierarchy levels of the best configuration with levels (segments, arbitrary colours)"),
+            ("omh_hierarchy", "OMH hierarchy of the best OMH configuration (paper Figure 3: centre affinity vs OT plan)")]  # fmt: skip
     lines += ["## Figures", ""]
     for key, title in figs:
         if written.get(key):
@@ -272,7 +298,7 @@ def _html(grid_name, run, cells, board, refs, per_class, written) -> str:
     if refs is not None and not refs.empty:
         parts += ["<h2>Published numbers (registry cards)</h2>", refs.fillna("").to_html(index=False)]
     parts += ["<h2>Per-class IoU of the best configuration</h2>", per_class.to_html(index=False)]
-    for key in ("heatmap", "runtime", "learners", "panels", "level_panels"):
+    for key in ("heatmap", "runtime", "learners", "panels", "level_panels", "omh_hierarchy"):
         if written.get(key):
             parts.append(f"<h2>{key}</h2><img src='{Path(written[key]).name}'>")
     parts.append("</body></html>")
