@@ -210,8 +210,8 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
         info = (torch.load(path, weights_only=False).get("feature_learner") or {}).get("omh") or {}
         if not info.get("plans"):
             continue
-        title = (f"{cfg['feature_learner']} on {cfg['dataset']} (seed {first['row']['seed']}, "
-                 f"mIoU {cfg['miou_mean']:.1f})")  # fmt: skip
+        title = (f"{cfg['feature_learner']} on {cfg['dataset']}: plans of seed {first['row']['seed']} "
+                 f"(row mIoU {cfg['miou_mean']:.1f}, mean over {len(chosen)} seed(s))")  # fmt: skip
         draw = functools.partial(plot_hierarchy, info, title=title, file_format="png")
         return atomic_write(output / "omh_hierarchy.png", lambda tmp, draw=draw: draw(str(tmp)))
     return None
