@@ -17,7 +17,7 @@ from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
 from . import figures
 from .panels import draw_panels
-from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame
+from .tables import STAGE_COLUMNS, leaderboard_display, leaderboard_frame, markdown_table, results_frame
 
 log = logging.getLogger(__name__)
 PLUGIN_KINDS = {"dataset": "dataset", "backbone": "backbone", "feature_learner": "feature_learner",
@@ -99,20 +99,10 @@ def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-_CONFIG_KEYS = [
-    "dataset",
-    "backbone",
-    "feature_learner",
-    "image_clusterer",
-    "dataset_clusterer",
-    "postprocess",
-]
-
-
 def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame:
     """Per-class IoU (mean over seeds) of the best configuration."""
     best = board.iloc[0]
-    chosen = [c for c in cells if all(c["row"][k] == best[k] for k in _CONFIG_KEYS)]
+    chosen = [c for c in cells if all(c["row"][k] == best[k] for k in STAGE_COLUMNS)]
     frame = pd.DataFrame(
         [{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()} for c in chosen]
     )
@@ -122,7 +112,8 @@ def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame
 def _first_seed_arrays(output: Path, cells: list[dict[str, Any]], cfg: pd.Series) -> tuple[list[dict], Any]:
     """The cells of one leaderboard row sorted by seed, and the saved panel arrays of its first seed (or None)."""
     chosen = sorted(
-        (c for c in cells if all(c["row"][k] == cfg[k] for k in _CONFIG_KEYS)), key=lambda c: c["row"]["seed"]
+        (c for c in cells if all(c["row"][k] == cfg[k] for k in STAGE_COLUMNS)),
+        key=lambda c: c["row"]["seed"],
     )
     npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
     return chosen, (np.load(npz) if npz.is_file() else None)
@@ -202,7 +193,7 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
     from ..feature_learners.omh import plot_hierarchy
 
     for _, cfg in board.iterrows():
-        chosen = [c for c in cells if all(c["row"][k] == cfg[k] for k in _CONFIG_KEYS)]
+        chosen = [c for c in cells if all(c["row"][k] == cfg[k] for k in STAGE_COLUMNS)]
         first = min(chosen, key=lambda c: c["row"]["seed"])
         path = output / "cells" / f"{first['row']['cell_id']}.artifacts.pt"
         if not path.is_file():
