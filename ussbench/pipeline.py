@@ -127,9 +127,8 @@ class StageMemo:
     learned: LRU = field(default_factory=lambda: LRU(1))
     segments: LRU = field(default_factory=lambda: LRU(3))
     labels: LRU = field(default_factory=lambda: LRU(1))
-    covering: LRU = field(
-        default_factory=lambda: LRU(16)
-    )  # NFCovering per segments key (shared by dataset clusterers)
+    # NFCovering per segments key (the dataset clusterers of one segmentation share it)
+    covering: LRU = field(default_factory=lambda: LRU(16))
     timings: dict[str, float] = field(default_factory=dict)  # first computation time of each stage key
 
 
@@ -378,7 +377,6 @@ class CellRunner:
         The unary is the per-pixel scores where the path has them (soft), else the hard labels. One
         :class:`CRFPool` serves the cell when ``crf_workers`` > 1. Returns (unary kind, CRF seconds).
         """
-        from . import registry
         from .postprocess.crf import CRFPool, crf_batch, default_workers
 
         crf_spec = registry.get("postprocess", "crf")
@@ -386,7 +384,8 @@ class CellRunner:
                                                                         where=f"protocol {self.spec.name}"))  # fmt: skip
         workers = self.crf_workers
         if workers is None:
-            workers = default_workers() if default_workers() > 2 else 1
+            available = default_workers()
+            workers = available if available > 2 else 1
         pool = CRFPool(workers) if workers > 1 else None
         chunk = 2 * workers if pool is not None else 1
         kinds: set[str] = set()

@@ -101,20 +101,22 @@ def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame:
     """Per-class IoU (mean over seeds) of the best configuration."""
-    best = board.iloc[0]
-    chosen = [c for c in cells if all(c["row"][k] == best[k] for k in STAGE_COLUMNS)]
+    chosen = _row_cells(cells, board.iloc[0])
     frame = pd.DataFrame(
         [{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()} for c in chosen]
     )
     return pd.DataFrame({"class": frame.columns, "IoU (%)": frame.mean().round(2).values})
 
 
+def _row_cells(cells: list[dict[str, Any]], cfg: pd.Series) -> list[dict[str, Any]]:
+    """The cells (one per seed) of one leaderboard row, sorted by seed."""
+    return sorted((c for c in cells if all(c["row"][k] == cfg[k] for k in STAGE_COLUMNS)),
+                  key=lambda c: c["row"]["seed"])  # fmt: skip
+
+
 def _first_seed_arrays(output: Path, cells: list[dict[str, Any]], cfg: pd.Series) -> tuple[list[dict], Any]:
     """The cells of one leaderboard row sorted by seed, and the saved panel arrays of its first seed (or None)."""
-    chosen = sorted(
-        (c for c in cells if all(c["row"][k] == cfg[k] for k in STAGE_COLUMNS)),
-        key=lambda c: c["row"]["seed"],
-    )
+    chosen = _row_cells(cells, cfg)
     npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
     return chosen, (np.load(npz) if npz.is_file() else None)
 
@@ -193,8 +195,10 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
     from ..feature_learners.omh import plot_hierarchy
 
     for _, cfg in board.iterrows():
-        chosen = [c for c in cells if all(c["row"][k] == cfg[k] for k in STAGE_COLUMNS)]
-        first = min(chosen, key=lambda c: c["row"]["seed"])
+        if cfg["feature_learner"] == "none":  # no learner, no hierarchy: skip loading its artifacts
+            continue
+        chosen = _row_cells(cells, cfg)
+        first = chosen[0]
         path = output / "cells" / f"{first['row']['cell_id']}.artifacts.pt"
         if not path.is_file():
             continue
