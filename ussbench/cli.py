@@ -1,4 +1,4 @@
-"""Command line: ``run`` a grid, ``list`` plugins, rebuild a ``report``."""
+"""Command line: ``run`` a grid, ``list`` plugins, rebuild a ``report``, ``compare`` two rows."""
 
 from __future__ import annotations
 
@@ -37,7 +37,34 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild the report of a grid output folder from its finished cells")
     rep.add_argument("output", help="the grid's output folder, e.g. reports/msrc")
     rep.add_argument("--name", help="grid name shown in the report (default: folder name)")
+    _add_compare_parser(sub)
     return p
+
+
+# -- compare (statistics): the paired comparison of two rows -----------------------------------------------------
+def _add_compare_parser(sub) -> None:
+    cmp = sub.add_parser("compare", help="paired bootstrap comparison of two rows (of one report, or two reports "
+                         "on the same data)",
+                         description="ussbench compare REPORT ROW_A ROW_B  |  ussbench compare REPORT_A REPORT_B "
+                         "[--row-a N] [--row-b N]. A row is its line number in the leaderboard or a piece of its label.")  # fmt: skip
+    cmp.add_argument("first", help="a report folder")
+    cmp.add_argument("second", help="a row of the first report, or a second report folder")
+    cmp.add_argument("third", nargs="?", help="the other row of the first report")
+    cmp.add_argument(
+        "--row-a", default="1", help="row of the first folder when comparing two folders (default 1)"
+    )
+    cmp.add_argument(
+        "--row-b", default="1", help="row of the second folder when comparing two folders (default 1)"
+    )
+    cmp.add_argument("--resamples", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .reports.compare import compare
+
+    print(compare(args.first, args.second, args.third, args.row_a, args.row_b, args.resamples, args.seed))
+    return 0
 
 
 def cmd_list(kind: str | None, plugins: list[str]) -> int:
@@ -79,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args.kind, args.plugins)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "report":
             from .reports.build import build_report
 

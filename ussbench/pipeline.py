@@ -24,6 +24,7 @@ from .cache import Cache, stable_hash
 from .config import StageEntry
 from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
+from .evaluation.per_image import cell_arrays
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
 from .image_clusterers._common import pick_feature
 
@@ -308,9 +309,9 @@ class CellRunner:
         panels: dict[str, np.ndarray] = {}
 
         def finish(i: int, pred: np.ndarray, before_crf: np.ndarray | None = None) -> None:
-            conf.update(pred, labels[i])
+            conf.update(pred, labels[i], i)
             if conf_no_crf is not None and before_crf is not None:
-                conf_no_crf.update(before_crf, labels[i])
+                conf_no_crf.update(before_crf, labels[i], i)
             if i in panel_ids:
                 panels[str(i)] = pred.astype(np.int16)
 
@@ -359,6 +360,7 @@ class CellRunner:
             "class_names": dataset.class_names,
             "confusion": conf.counts.tolist(),
             **({"confusion_no_crf": conf_no_crf.counts.tolist()} if conf_no_crf is not None else {}),
+            "per_image": cell_arrays(conf, conf_no_crf, [im.image_id for im in features]),  # for statistics
             "panels": panels,
             "level_panels": level_panels,
             "artifacts": artifacts,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, provenance
 from .atomic import atomic_write, atomic_write_json
 from .cache import Cache
 from .config import STAGE_KEYS, Grid, StageEntry
@@ -132,9 +132,7 @@ def run_grid(
         cells = cells[:limit_cells]
     out = grid.output
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    env = environment_info(device)
-    atomic_write_json(out / "run.json", {"grid": grid.raw, "grid_file": str(grid.path), "environment": env,
-                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_cells": len(cells)})  # fmt: skip
+    env, run_index = provenance.start_run(out, grid, environment_info(device), len(cells))  # run.json history
     runner = CellRunner(Cache(grid.cache_dir), device, grid.protocol, grid.data_root, progress)
     start = time.perf_counter()
     n_run = n_resumed = 0
@@ -152,6 +150,7 @@ def run_grid(
         row.update(cell_id=cid, grid=grid.name, environment=env)
         panels = {f"pred_{k}": v for k, v in extras.pop("panels").items()}
         panels.update({f"level_{k}": v for k, v in extras.pop("level_panels", {}).items()})
+        panels.update(extras.pop("per_image", {}))  # per-image confusion counts (statistics)
         artifacts = extras.pop("artifacts")
         if panels:
             atomic_write(out / "cells" / f"{cid}.npz", lambda tmp, p=panels: _save_npz(tmp, p))
@@ -161,6 +160,7 @@ def run_grid(
         n_run += 1
         log.info("cell %s: mIoU %.2f", cid, row["miou"])
     summary = RunSummary(grid, out, len(cells), n_run, n_resumed, time.perf_counter() - start)
+    provenance.finish_run(out, run_index, n_run, n_resumed, summary.seconds)
     if report:
         from .reports.build import build_report
 

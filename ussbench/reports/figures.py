@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -49,6 +50,7 @@ def miou_vs_runtime(board: pd.DataFrame, path: Path) -> Path:
         board.time_total_s, board.miou_mean, yerr=board.miou_std, fmt="none", ecolor="gray", alpha=0.6
     )
     ax.set_xscale("log")
+    log_ticks(ax, board.time_total_s)
     ax.set_xlabel("seconds per cell (mean over seeds; shared stages counted at first computation)")
     ax.set_ylabel("mIoU (%)")
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
@@ -64,4 +66,67 @@ def learner_bars(results: pd.DataFrame, path: Path) -> Path | None:
     ax.set_ylabel("mIoU (%)")
     ax.set_xlabel("feature learner")
     ax.tick_params(axis="x", rotation=30)
+    return _save(fig, path)
+
+
+def log_ticks(ax, values: pd.Series) -> None:
+    """Readable log-axis ticks: 1-2-5 steps inside the data's range as plain numbers, no minor labels.
+
+    Matplotlib labels minor ticks (2x10^0, 3x10^0, ...) when the range spans less than a few decades, and
+    they overlap; here only the chosen major ticks are labelled.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    finite = values[(values > 0) & values.notna()]
+    if finite.empty:
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5)]  # fmt: skip
+    inside = [t for t in ticks if lo / 1.5 <= t <= hi * 1.5]
+    if len(inside) > 8:  # wide range: decades only
+        inside = [t for t in inside if np.isclose(np.log10(t) % 1, 0) or np.isclose(np.log10(t) % 1, 1)]
+    ax.xaxis.set_major_locator(FixedLocator(inside or ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def significance_matrix(panels: list[tuple[str, list[str], np.ndarray, np.ndarray]], path: Path,
+                        level: float = 0.95) -> Path | None:  # fmt: skip
+    """Pairwise Δ mIoU (row minus column) of the top rows, one panel per dataset: colour = Δ, cells whose paired
+    interval contains 0 are hatched grey and unannotated-bold; annotation = Δ with * (p < 0.05) / ** (p < 0.01)."""
+    panels = [p for p in panels if len(p[1]) >= 2]
+    if not panels:
+        return None
+    n_max = max(len(p[1]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 0.75 * n_max + 3.5) * len(panels), 0.6 * n_max + 2.5),
+                             squeeze=False)  # fmt: skip
+    alpha = 1.0 - level
+    for ax, (title, labels, delta, pvals) in zip(axes[0], panels):
+        n = len(labels)
+        limit = float(np.nanmax(np.abs(delta))) or 1.0
+        decided = pvals < alpha
+        shown = np.where(decided | np.eye(n, dtype=bool), delta, np.nan)
+        sns.heatmap(shown, cmap="RdBu_r", center=0, vmin=-limit, vmax=limit, ax=ax, cbar_kws={"label": "Δ mIoU (row − column)"},
+                    xticklabels=[str(i + 1) for i in range(n)], yticklabels=[f"{i + 1}. {lab}" for i, lab in enumerate(labels)],
+                    linewidths=0.5, linecolor="white")  # fmt: skip
+        for a in range(n):
+            for b in range(n):
+                if a == b:
+                    continue
+                if not decided[a, b]:
+                    ax.add_patch(
+                        plt.Rectangle(
+                            (b, a), 1, 1, facecolor="#dddddd", edgecolor="white", hatch="///", lw=0.5
+                        )
+                    )
+                stars = "**" if pvals[a, b] < 0.01 else ("*" if pvals[a, b] < 0.05 else "")
+                ax.text(b + 0.5, a + 0.5, f"{delta[a, b]:+.1f}{stars}", ha="center", va="center", fontsize=7,
+                        color="black" if not decided[a, b] or abs(delta[a, b]) < 0.6 * limit else "white")  # fmt: skip
+        ax.set_title(
+            f"{title}: paired Δ mIoU of the top {n} rows (grey: not decided at {level:.0%})", fontsize=9
+        )
+        ax.set_xlabel("column row (rank)")
+        ax.set_ylabel("")
+        ax.tick_params(axis="y", labelsize=7)
     return _save(fig, path)

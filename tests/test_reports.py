@@ -1,0 +1,208 @@
+"""Reports with statistics: intervals, Δ vs baseline, rank ranges, the committed per-image store, rebuilding a
+committed folder without its cells, old cells without counts, provenance flags, ``compare``, the index page."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests._report_fakes import ENV, leaderboard_rows, read_json, write_fake_cells
+from ussbench.cli import main
+from ussbench.evaluation.per_image import STORE_NAME, read_store
+from ussbench.reports.build import build_report
+
+ROWS = {"raw tokens": 0.35, "good": 0.8, "good twin": 0.8, "bad": 0.2}
+
+
+@pytest.fixture
+def report(tmp_path):
+    out = tmp_path / "reports" / "toy"
+    write_fake_cells(out, ROWS)
+    build_report(out, "toy", n_resamples=300)
+    return out
+
+
+def _cells(md: str, label: str) -> list[str]:
+    line = next(line for line in leaderboard_rows(md) if f"| {label} |" in line)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _column(md: str, name: str) -> int:
+    return [c.strip() for c in leaderboard_rows(md)[0].strip("|").split("|")].index(name)
+
+
+def test_report_shows_intervals_baseline_delta_and_rank_ranges(report):
+    md = (report / "leaderboard.md").read_text()
+    assert (
+        "Statistics: bootstrap over images (300 replicates" in md
+        and "recomputes the cluster-to-class match" in md
+    )
+    ci, delta, p, rank = (_column(md, n) for n in ("mIoU 95% CI", "Δ mIoU vs baseline", "p", "rank"))
+    good, twin, bad, raw = (_cells(md, k) for k in ("good", "good twin", "bad", "raw tokens"))
+    assert raw[delta] == "baseline"
+    assert good[delta].startswith("+") and float(good[delta].split()[0]) > 10
+    lo = float(good[delta].split("[")[1].split(",")[0])
+    assert lo > 0 and good[p].startswith("<")  # better on every image: the smallest p the bootstrap resolves
+    assert bad[delta].startswith("-")
+    lo_ci, hi_ci = (float(x) for x in good[ci].strip("[]").split(","))
+    mean = float(good[_column(md, "mIoU (%)")].split("±")[0])
+    assert lo_ci < mean < hi_ci
+    # the twins cannot be told apart; both are above the rest
+    assert good[rank] == "1–2" and twin[rank] == "1–2" and raw[rank] == "3" and bad[rank] == "4"
+    assert "## Which differences are decided" in md and "not decided" in md
+    assert (report / "significance.png").is_file()
+
+
+def test_committed_folder_rebuilds_the_same_statistics_without_cells(report):
+    before = (report / "leaderboard.md").read_text()
+    store = read_store(report / STORE_NAME)
+    assert len(store) == len(ROWS) * 3
+    shutil.rmtree(report / "cells")  # what a fresh clone sees: cells/ is not committed
+    build_report(report, "toy", n_resamples=300)
+    after = (report / "leaderboard.md").read_text()
+    strip = [_column(before, c) for c in ("mIoU 95% CI", "Δ mIoU vs baseline", "p", "rank", "acc. 95% CI")]
+    for line_a, line_b in zip(leaderboard_rows(before)[2:], leaderboard_rows(after)[2:]):
+        a, b = line_a.strip("|").split("|"), line_b.strip("|").split("|")
+        assert [a[i] for i in strip] == [b[i] for i in strip]
+
+
+def test_cells_without_per_image_counts_still_report_with_intervals_unavailable(tmp_path):
+    out = tmp_path / "old"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8}, per_image=False)
+    build_report(out, "old", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert "Intervals: unavailable" in md and "mIoU 95% CI" not in md
+    assert not (out / STORE_NAME).exists()
+    assert main(["compare", str(out), "1", "2"]) == 2
+
+
+def test_per_image_store_stays_small_and_exact(report):
+    store = read_store(report / STORE_NAME)
+    cid = next(iter(store))
+    fresh = np.load(report / "cells" / f"{cid}.npz")
+    assert np.array_equal(store[cid].counts.per_image, fresh["counts_per_image"])
+    assert (report / STORE_NAME).stat().st_size < 60_000  # 12 cells x 40 images x <= 16 entries
+
+
+def test_baseline_named_by_the_grid(tmp_path):
+    out = tmp_path / "named"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8, "bad": 0.2})
+    (out / "run.json").write_text('{"grid": {"baseline": {"image_clusterer": "bad"}}}')
+    build_report(out, "named", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert _cells(md, "bad")[_column(md, "Δ mIoU vs baseline")] == "baseline"
+    assert "image_clusterer `bad`" in md
+
+
+def test_no_baseline_row_is_said_not_hidden(tmp_path):
+    out = tmp_path / "nobase"
+    write_fake_cells(out, {"good": 0.8, "bad": 0.2})
+    build_report(out, "nobase", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert "no baseline row" in md and "Δ mIoU vs baseline" not in md and "mIoU 95% CI" in md
+
+
+def test_rows_from_another_machine_or_code_version_are_flagged(tmp_path):
+    out = tmp_path / "mixed"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8, "bad": 0.2})
+    other = {**ENV, "git_commit": "b" * 40, "machine": {**ENV["machine"], "cpu_model": "Other CPU"}}
+    write_fake_cells(out, {"odd": 0.5}, env=other)
+    build_report(out, "mixed", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert "Cells come from 2 code versions" in md and "Cells come from 2 machines" in md
+    assert _cells(md, "odd")[0].endswith("†") and not _cells(md, "good")[0].endswith("†")
+    assert "Code: " not in md.split("Cells come from")[0].splitlines()[-1]
+
+
+def test_images_line_states_the_images_really_scored(report):
+    md = (report / "leaderboard.md").read_text()
+    assert "**40 images scored**" in md
+
+
+def test_compare_two_rows_of_one_report(report, capsys):
+    assert main(["compare", str(report), "good twin", "raw tokens", "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "Δ mIoU (A − B) = +" in out and ": decided" in out and "40 images" in out
+    assert main(["compare", str(report), "good", "good twin", "--resamples", "200"]) == 0
+    assert "not decided" in capsys.readouterr().out
+
+
+def test_compare_refuses_ambiguous_rows_and_other_data(report, tmp_path, capsys):
+    assert main(["compare", str(report), "good", "9"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ussbench: error:") and "does not exist" in err and len(err.strip().splitlines()) == 1
+    )
+    assert main(["compare", str(report), "o", "bad"]) == 2  # 'o' matches several rows
+    assert "matches" in capsys.readouterr().err
+    same = tmp_path / "same_data"
+    write_fake_cells(same, {"raw tokens": 0.3, "other": 0.6})
+    assert main(["compare", str(report), str(same), "--row-b", "other", "--resamples", "100"]) == 0
+    other = tmp_path / "other_data"
+    write_fake_cells(other, {"raw tokens": 0.3}, image_seed=5)  # same ids, other labels
+    assert main(["compare", str(report), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "different labelled pixels" in err and len(err.strip().splitlines()) == 1
+    renamed = tmp_path / "renamed"
+    write_fake_cells(renamed, {"raw tokens": 0.3}, image_prefix="photo")
+    assert main(["compare", str(report), str(renamed)]) == 2
+    assert "different images" in capsys.readouterr().err
+
+
+def test_index_lists_every_report(report, tmp_path):
+    second = tmp_path / "reports" / "second"
+    write_fake_cells(second, {"raw tokens": 0.3, "good": 0.7}, seeds=(0,))
+    build_report(second, "second", n_resamples=50)
+    index = (tmp_path / "reports" / "index.html").read_text()
+    assert "toy/leaderboard.html" in index and "second/leaderboard.html" in index
+    assert "good" in index
+
+
+def test_paper_number_beside_a_row_on_the_same_dataset(tmp_path, monkeypatch):
+    from ussbench.reports import paper
+
+    def fake_published(kind, name, root=None):
+        if (kind, name) == ("image_clusterer", "good"):
+            return [{"dataset": "toyset", "metric": "mIoU", "value": 40.0, "source": "Toy paper", "backbone": "B"},
+                    {"dataset": "voc2012", "metric": "miou", "value": 99.0, "source": "elsewhere"}]  # fmt: skip
+        return []
+
+    monkeypatch.setattr(paper, "published_numbers", fake_published)
+    out = tmp_path / "paper"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8})
+    build_report(out, "paper", n_resamples=50)
+    md = (out / "leaderboard.md").read_text()
+    col = _column(md, "paper mIoU (ratio)")
+    good = _cells(md, "good")
+    mean = float(good[_column(md, "mIoU (%)")].split("±")[0])
+    assert good[col] == f"40.0 ({mean / 40.0:.2f}x)"
+    assert _cells(md, "raw tokens")[col] == ""
+
+
+def test_run_history_is_appended(tmp_path, toy_root):
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid, limit_images
+    from ussbench.runner import run_grid
+
+    grid = load_grid(
+        tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    )
+    run_grid(limit_images(grid, 4), progress=False)
+    grid = load_grid(
+        tiny_grid(tmp_path, toy_root, seeds=[0, 1], image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    )
+    run_grid(grid, progress=False)
+    run = read_json(grid.output / "run.json")
+    assert len(run["history"]) == 2
+    first, second = run["history"]
+    assert first["dataset_limit"] == "4" and second["dataset_limit"] is None
+    assert first["n_run"] == 1 and second["n_run"] == 2 and second["ended"]
+    assert second["environment"]["machine"]["cpu_model"] and "threads" in second["environment"]["machine"]
+    assert run["started"] == second["started"]  # top level: the latest run
+    results = pd.read_csv(grid.output / "results.csv")
+    assert len(results) == 2  # the limited cell is another cell and stays out of this grid's report
+    md = (grid.output / "leaderboard.md").read_text()
+    assert "**6 images scored**" in md and "2 run(s) into this folder" in md
