@@ -184,7 +184,7 @@ def test_paper_number_beside_a_row_on_the_same_dataset(tmp_path, monkeypatch):
 
 def test_run_history_is_appended(tmp_path, toy_root):
     from tests.conftest import tiny_grid
-    from ussbench.config import load_grid, limit_images
+    from ussbench.config import limit_images, load_grid
     from ussbench.runner import run_grid
 
     grid = load_grid(
