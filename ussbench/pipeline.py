@@ -25,6 +25,7 @@ from .config import StageEntry
 from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.per_image import cell_arrays
+from .evaluation.probe import probe_row
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
 from .image_clusterers._common import pick_feature
 
@@ -130,6 +131,7 @@ class StageMemo:
     labels: LRU = field(default_factory=lambda: LRU(1))
     # NFCovering per segments key (the dataset clusterers of one segmentation share it)
     covering: LRU = field(default_factory=lambda: LRU(16))
+    probe: dict[str, Any] = field(default_factory=dict)  # linear probe row entries per representation key
     timings: dict[str, float] = field(default_factory=dict)  # first computation time of each stage key
 
 
@@ -283,6 +285,9 @@ class CellRunner:
             )
         artifacts["dataset_clusterer"] = dc.artifacts()
         n_pred = k_dc + int(has_bg)
+        if self.protocol.get("linear_probe", True):  # supervised reference per representation (probe.py)
+            probe_labels = self.labels(dataset, feat_key)
+            row.update(probe_row(features, probe_labels, num_classes, upstream, self.cache, self.memo.probe))
 
         # evaluation: stream every image into one confusion matrix (two with the protocol's CRF: after, before)
         t0 = time.perf_counter()

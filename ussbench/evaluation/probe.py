@@ -15,6 +15,7 @@ against every pixel, which keeps it to seconds on a CPU. It is computed once per
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from ..cache import Cache, stable_hash
 from .metrics import ConfusionMatrix, score
 
 PROBE_VERSION = "1"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ def linear_probe(features: list[torch.Tensor], labels: list[np.ndarray], n_class
         if len(y) > settings.max_train_patches:
             pick = torch.from_numpy(rng.choice(len(y), settings.max_train_patches, replace=False))
             x, y = x[pick], y[pick]
+        if len(y) == 0:
+            raise ValueError(f"fold {k} of the linear probe has no labelled training patch")
         n_train += len(y)
         weight, bias = _fit_logreg(x, y, n_classes, settings)
         with torch.no_grad():
@@ -145,6 +149,8 @@ def probe_row(features: Any, labels: list[np.ndarray], n_classes: int, upstream_
     The time is reported at first computation, like every shared stage.
     """
     settings = settings or ProbeSettings()
+    if len(features) < 2:  # k-fold needs two images; a one-image run reports no probe
+        return {}
     feature = "code" if features.has_code else "tokens"
     key = stable_hash(
         {"up": upstream_key, "feature": feature, "probe": settings.__dict__, "version": PROBE_VERSION}
@@ -152,8 +158,13 @@ def probe_row(features: Any, labels: list[np.ndarray], n_classes: int, upstream_
     if key not in memo:
         hit = cache.load("probe", key)
         if hit is None:
-            result = linear_probe([im.dense(feature) for im in features], labels, n_classes, settings)
-            hit = result.row(feature)
+            try:
+                hit = linear_probe([im.dense(feature) for im in features], labels, n_classes, settings).row(
+                    feature
+                )
+            except ValueError as exc:  # too little labelled data for k folds: no probe, never a failed cell
+                log.warning("linear probe skipped: %s", exc)
+                hit = {}
             cache.save("probe", key, hit)
         memo[key] = hit
     return dict(memo[key])
