@@ -45,7 +45,7 @@ def test_report_shows_intervals_baseline_delta_and_rank_ranges(report):
     assert raw[delta] == "baseline"
     assert good[delta].startswith("+") and float(good[delta].split()[0]) > 10
     lo = float(good[delta].split("[")[1].split(",")[0])
-    assert lo > 0 and good[p].startswith("<")  # better on every image: the smallest p the bootstrap resolves
+    assert lo > 0 and good[p].startswith("≤")  # better on every image: the smallest p the bootstrap resolves
     assert bad[delta].startswith("-")
     lo_ci, hi_ci = (float(x) for x in good[ci].strip("[]").split(","))
     mean = float(good[_column(md, "mIoU (%)")].split("±")[0])

@@ -75,6 +75,8 @@ def code_info() -> dict[str, Any]:
 def command_info(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line and the options that change what a run computes (``--limit``, ``--set``)."""
     argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "ussbench":
+        argv = ["python", "-m", "ussbench", *argv[1:]]  # how `python -m ussbench ...` was typed
     limit, sets = None, []
     for i, arg in enumerate(argv):
         value = argv[i + 1] if i + 1 < len(argv) else None
@@ -175,7 +177,7 @@ def environment_signature(env: dict[str, Any]) -> tuple[str, str]:
     cpu = machine_info_.get("cpu_model") or env.get("gpu") or env.get("processor", "?")
     cores = machine_info_.get("cores") or env.get("cpu_count", "?")
     threads = (machine_info_.get("threads") or {}).get("torch")
-    machine = f"{cpu} ({cores} cores" + (f", {threads} torch threads" if threads else "") + ")"
+    machine = f"{cpu} ({cores} cores" + (f", torch threads {threads}" if threads else "") + ")"
     if env.get("gpu"):
         machine += f", {env['gpu']}"
     return f"{code}; {libs}", machine

@@ -10,9 +10,16 @@ Method (stated in every report header, see :data:`METHOD`):
 - **Seeds are nested.** A row with S seeds scores each replicate once per seed; the replicate's value is
   the mean over S seeds drawn with replacement from the row's seeds (the same seed positions for every row
   with S seeds). The interval so covers both which images were evaluated and which seeds ran.
-- **Interval:** percentile interval of the replicates (default 95%). **Paired Δ:** the replicate-wise
-  difference of two rows; two-sided bootstrap p-value ``min(1, 2 min(P*(Δ <= 0), P*(Δ >= 0)))`` with the
-  add-one correction, so the smallest p-value with B replicates is ``2 / (B + 1)``.
+- **Interval: basic bootstrap, centred.** Re-matching flatters every replicate a little (a match fitted
+  to a resample fits it better than the full split's match fits the full split: about +0.4 mIoU for raw
+  tokens on MSRC-v2), so the replicates sit above the full-split score. The interval is therefore built from
+  the replicates' spread around their own mean: ``[score - (q_hi - mean), score + (mean - q_lo)]`` with
+  q_lo, q_hi the replicate quantiles (default 95%). It is an interval for the protocol's expected score on
+  another image set of this size, and contains the reported score. A plain percentile interval would be
+  shifted up by the re-matching optimism.
+- **Paired Δ:** the replicate-wise difference of two rows, with the same centred interval; two-sided p-value
+  ``(1 + #{|Δ* - mean(Δ*)| >= |Δ|}) / (B + 1)`` (the replicates centred as the null distribution), so the
+  smallest p-value with B replicates is ``1 / (B + 1)``.
 - **Rank ranges:** a row's rank lies between 1 + (number of rows significantly better than it) and
   n - (number of rows significantly worse), "significantly" meaning that the paired interval of the
   difference excludes 0 (pairwise, not corrected for multiple comparisons).
@@ -40,7 +47,8 @@ METHOD = (
     "bootstrap over images ({B} replicates, seed {seed}): every replicate redraws the images with replacement "
     "(the same draws for every row of a dataset, so comparisons are paired), recomputes the cluster-to-class "
     "match on the resampled counts, and averages the row's seeds drawn with replacement (nested); "
-    "{level:.0%} percentile intervals; Δ p-values two-sided from the paired replicates"
+    "{level:.0%} basic (centred) intervals around the full-split score; Δ p-values two-sided from the centred "
+    "paired replicates"
 )
 
 
@@ -211,6 +219,23 @@ def percentile_interval(replicates: np.ndarray, level: float = DEFAULT_LEVEL) ->
     return float(lo), float(hi)
 
 
+def centred_interval(
+    point: float, replicates: np.ndarray, level: float = DEFAULT_LEVEL
+) -> tuple[float, float]:
+    """Basic bootstrap interval around ``point`` from the replicates' spread about their own mean.
+
+    ``[point - (q_hi - mean), point + (mean - q_lo)]``: the replicates' offset from the point (re-matching
+    optimism) is removed, their spread and skew kept (reflected, as the basic bootstrap does).
+    """
+    reps = np.asarray(replicates, dtype=np.float64)
+    reps = reps[np.isfinite(reps)]
+    if reps.size == 0:
+        return math.nan, math.nan
+    lo, hi = percentile_interval(reps, level)
+    mean = float(reps.mean())
+    return float(point - (hi - mean)), float(point + (mean - lo))
+
+
 @dataclass(frozen=True)
 class PairedDelta:
     """Row A minus row B: point difference, its paired bootstrap interval and two-sided p-value."""
@@ -230,14 +255,15 @@ def paired_delta(
     a_point: float, b_point: float, a_reps: np.ndarray, b_reps: np.ndarray, level: float = DEFAULT_LEVEL
 ) -> PairedDelta:
     """Δ = A - B from replicates computed on the same image draws (and the same seed positions)."""
-    diff = np.asarray(a_reps) - np.asarray(b_reps)
+    delta = float(a_point - b_point)
+    diff = np.asarray(a_reps, dtype=np.float64) - np.asarray(b_reps, dtype=np.float64)
     diff = diff[np.isfinite(diff)]
     if diff.size == 0:
-        return PairedDelta(a_point - b_point, math.nan, math.nan, math.nan)
-    lo, hi = percentile_interval(diff, level)
-    n = diff.size
-    p = 2.0 * min((1 + np.sum(diff <= 0)) / (n + 1), (1 + np.sum(diff >= 0)) / (n + 1))
-    return PairedDelta(float(a_point - b_point), lo, hi, float(min(1.0, p)))
+        return PairedDelta(delta, math.nan, math.nan, math.nan)
+    lo, hi = centred_interval(delta, diff, level)
+    centred = np.abs(diff - diff.mean())
+    p = (1 + np.sum(centred >= abs(delta) - 1e-12)) / (diff.size + 1)
+    return PairedDelta(delta, lo, hi, float(min(1.0, p)))
 
 
 def rank_ranges(
@@ -247,12 +273,14 @@ def rank_ranges(
 
     ``points``: (R,) point estimates; ``replicates``: (R, B) paired replicates.
     """
+    points = np.asarray(points, dtype=np.float64)
     n = len(points)
-    better = np.zeros((n, n), dtype=bool)  # better[i, j]: row i significantly above row j
     alpha = (1.0 - level) / 2.0
+    better = np.zeros((n, n), dtype=bool)  # better[i, j]: row i significantly above row j
     for i in range(n):
         diff = replicates[i][None, :] - replicates  # (R, B): i minus every row
-        lows = np.nanquantile(diff, alpha, axis=1)
+        upper_q = np.nanquantile(diff, 1.0 - alpha, axis=1)
+        lows = (points[i] - points) - (upper_q - np.nanmean(diff, axis=1))  # centred interval's lower ends
         better[i] = lows > 0
         better[i, i] = False
     return [(1 + int(better[:, i].sum()), n - int(better[i].sum())) for i in range(n)]
@@ -276,7 +304,7 @@ class HalvingPlan:
 
 def halving_plan(row: RowBootstrap, level: float = DEFAULT_LEVEL) -> HalvingPlan:
     """Seeds or images needed to halve the row's mIoU interval (width ~ sqrt(V_img N0/N + s^2/S))."""
-    lo, hi = percentile_interval(row.nested_miou, level)
+    lo, hi = centred_interval(row.miou, row.nested_miou, level)
     v_img = float(np.nanvar(row.miou_reps.mean(0), ddof=1)) if row.miou_reps.shape[1] > 1 else 0.0
     s = len(row.seeds)
     v_seed = float(np.var(row.miou_point, ddof=1)) / s if s > 1 else math.nan

@@ -22,8 +22,8 @@ from ..evaluation.statistics import (
     DEFAULT_SEED,
     METHOD,
     bootstrap_rows,
+    centred_interval,
     paired_delta,
-    percentile_interval,
 )
 from .comparisons import fmt_p, row_cells
 from .records import collect_per_image_counts, load_report_cells
@@ -136,8 +136,8 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
     lines = []
     for name, picked in (("A", a), ("B", b)):
         boot = boots[name.lower()]
-        lo, hi = percentile_interval(boot.nested_miou, level)
-        alo, ahi = percentile_interval(boot.nested_acc, level)
+        lo, hi = centred_interval(boot.miou, boot.nested_miou, level)
+        alo, ahi = centred_interval(boot.acc, boot.nested_acc, level)
         lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
                      f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
     verdict = "decided" if d.decided else "not decided (the interval contains 0)"

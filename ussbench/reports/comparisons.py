@@ -22,9 +22,9 @@ from ..evaluation.statistics import (
     PairedDelta,
     RowBootstrap,
     bootstrap_rows,
+    centred_interval,
     halving_plan,
     paired_delta,
-    percentile_interval,
     rank_ranges,
 )
 from .tables import STAGE_COLUMNS
@@ -146,14 +146,16 @@ def board_statistics(
         order = [i for i in board.index if i in boots]
         for i in order:
             b = boots[i]
-            table.loc[i, ["miou_lo", "miou_hi"]] = percentile_interval(b.nested_miou, level)
-            table.loc[i, ["acc_lo", "acc_hi"]] = percentile_interval(b.nested_acc, level)
+            table.loc[i, ["miou_lo", "miou_hi"]] = centred_interval(b.miou, b.nested_miou, level)
+            table.loc[i, ["acc_lo", "acc_hi"]] = centred_interval(b.acc, b.nested_acc, level)
             plan = halving_plan(b, level)
             table.loc[i, ["ci_width", "image_share", "seeds_to_halve", "images_factor_to_halve"]] = (
                 plan.width, plan.image_share, plan.seeds_to_halve, plan.images_factor_to_halve)  # fmt: skip
         if key in no_crf and set(no_crf[key]) == set(rows):
             for i, b in bootstrap_rows(no_crf[key], n_resamples, seed, matching, objective).items():
-                table.loc[i, ["miou_no_crf_lo", "miou_no_crf_hi"]] = percentile_interval(b.nested_miou, level)
+                table.loc[i, ["miou_no_crf_lo", "miou_no_crf_hi"]] = centred_interval(
+                    b.miou, b.nested_miou, level
+                )
         ranks = rank_ranges(np.array([boots[i].miou for i in order]), np.stack([boots[i].nested_miou for i in order]),
                             level)  # fmt: skip
         group = GroupStatistics(dataset, next(iter(boots.values())).n_images, order, boots, None,
@@ -211,12 +213,12 @@ def _who(board: pd.DataFrame, order: list[int], i: int) -> str:
 
 
 def fmt_p(p: float, n_resamples: int) -> str:
-    """A p-value as text; the bootstrap cannot resolve below 2/(B+1)."""
+    """A p-value as text; with B replicates the bootstrap cannot resolve below 1/(B+1) ('≤ 0.001')."""
     if p is None or not math.isfinite(float(p)):
         return "n/a"
-    floor = 2.0 / (n_resamples + 1)
+    floor = 1.0 / (n_resamples + 1)
     if p <= floor + 1e-12:
-        return f"< {floor:.3f}" if floor >= 0.001 else f"< {floor:.1e}"
+        return f"≤ {floor:.3f}" if floor >= 0.001 else f"≤ {floor:.1e}"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
