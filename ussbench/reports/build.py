@@ -70,7 +70,7 @@ def build_report(
         board, cells, counts, (run.get("grid") or {}).get("baseline"), n_resamples, stats_seed
     )
     written["heatmap"] = figures.heatmap(board, output / "heatmap_miou.png")
-    written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png")
+    written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png", stats.table)
     written["learners"] = figures.learner_bars(results, output / "miou_by_learner.png")
     written["significance"] = _significance(board, stats, output / "significance.png")
     for key, draw in (("panels", lambda: _panels(output, cells, board, n_panel_configs)),

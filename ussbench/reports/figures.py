@@ -39,20 +39,22 @@ def heatmap(board: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def miou_vs_runtime(board: pd.DataFrame, path: Path) -> Path:
-    """Each configuration's mean mIoU (with std) against its mean total time per cell."""
+def miou_vs_runtime(board: pd.DataFrame, path: Path, intervals: pd.DataFrame | None = None) -> Path:
+    """Each configuration's mean mIoU against its mean total time per cell; bars: the 95% intervals
+    (``intervals`` with miou_lo/miou_hi for every row), else the std over seeds."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = board.image_clusterer + " + " + board.dataset_clusterer
     if board.feature_learner.nunique() > 1:
         labels = board.feature_learner + " / " + labels
     sns.scatterplot(x=board.time_total_s, y=board.miou_mean, hue=labels, s=70, ax=ax, legend="brief")
-    ax.errorbar(
-        board.time_total_s, board.miou_mean, yerr=board.miou_std, fmt="none", ecolor="gray", alpha=0.6
-    )
+    have = intervals is not None and intervals["miou_lo"].notna().all()
+    yerr = (np.vstack([board.miou_mean - intervals.miou_lo.astype(float), intervals.miou_hi.astype(float) - board.miou_mean])
+            if have else board.miou_std)  # fmt: skip
+    ax.errorbar(board.time_total_s, board.miou_mean, yerr=yerr, fmt="none", ecolor="gray", alpha=0.6)
     ax.set_xscale("log")
     log_ticks(ax, board.time_total_s)
     ax.set_xlabel("seconds per cell (mean over seeds; shared stages counted at first computation)")
-    ax.set_ylabel("mIoU (%)")
+    ax.set_ylabel("mIoU (%)" + (" (bars: 95% interval)" if have else " (bars: std over seeds)"))
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     return _save(fig, path)
 

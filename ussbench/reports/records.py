@@ -57,6 +57,7 @@ def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[
             ("dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess")
         }  # fmt: skip
         env = json.loads(rec.pop("environment", "null") or "null") or {
+            **(run.get("environment") or {}),  # older tables: the run's machine facts (cores)
             "versions": json.loads(rec.get("versions") or "{}"),
             "processor": rec.get("machine", ""),
         }
