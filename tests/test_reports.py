@@ -206,3 +206,42 @@ def test_run_history_is_appended(tmp_path, toy_root):
     assert len(results) == 2  # the limited cell is another cell and stays out of this grid's report
     md = (grid.output / "leaderboard.md").read_text()
     assert "**6 images scored**" in md and "2 run(s) into this folder" in md
+
+
+def test_grid_baseline_key_is_validated(tmp_path, toy_root):
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.errors import ConfigError
+
+    ok = load_grid(
+        tiny_grid(tmp_path, toy_root, baseline={"image_clusterer": "km3", "dataset_clusterer": "kmeans"})
+    )
+    assert ok.raw["baseline"] == {"image_clusterer": "km3", "dataset_clusterer": "kmeans"}
+    for bad, message in (({"image_clusterer": "dsm"}, "names no entry of image_clusterers"),
+                         ({"image_clustrer": "none"}, "unknown stage"), ("none", "expected a mapping")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_grid(tiny_grid(tmp_path, toy_root, baseline=bad))
+
+
+def test_command_line_options_are_recorded():
+    from ussbench.provenance import command_info
+
+    info = command_info(["/x/ussbench/__main__.py", "run", "--grid", "g.yaml", "--limit", "8", "--set", "seeds=[0]",
+                         "--set=image_clusterers.acg.epochs=5"])  # fmt: skip
+    assert info["command"].startswith("python -m ussbench run --grid g.yaml")
+    assert info["limit"] == "8" and info["set"] == ["seeds=[0]", "image_clusterers.acg.epochs=5"]
+
+
+def test_per_image_store_round_trips_crf_counts(tmp_path):
+    from tests._report_fakes import fake_cell
+    from ussbench.evaluation.per_image import StoredCell, write_store
+    from ussbench.evaluation.statistics import CellCounts
+
+    after, before = fake_cell(0.7, 30, 0), fake_cell(0.5, 30, 1)
+    cell = StoredCell(CellCounts(after.per_image_counts(), 30, 4, 4), CellCounts(before.per_image_counts(), 30, 4, 4),
+                      [f"im{i}" for i in range(30)])  # fmt: skip
+    write_store(tmp_path / "s.npz", {"abc": cell})
+    back = read_store(tmp_path / "s.npz")["abc"]
+    assert np.array_equal(back.counts.per_image, after.per_image_counts())
+    assert np.array_equal(back.counts_no_crf.per_image, before.per_image_counts())
+    assert back.image_ids == cell.image_ids and back.fingerprint == cell.fingerprint

@@ -248,4 +248,7 @@ def halving_text(row: pd.Series) -> str:
         parts.append(f"{int(seeds)} seeds")
     if factor is not None and not pd.isna(factor):
         parts.append(f"×{float(factor):.1f} images")
-    return " or ".join(parts) if parts else "more seeds and images"
+    if pd.isna(row.get("image_share")):  # one seed: the seed spread is unknown
+        parts.append("seed spread unknown (1 seed)")
+        return "; ".join(parts)
+    return " or ".join(parts) if parts else "both more seeds and more images"

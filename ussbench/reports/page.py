@@ -219,7 +219,9 @@ def per_class_data(report: Report) -> dict[str, Any]:
 
 
 def _frame_table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, escape=True, border=0, classes="plain", na_rep="")
+    return frame.to_html(
+        index=False, escape=True, border=0, classes="plain", na_rep="", float_format=lambda v: f"{v:g}"
+    )
 
 
 def render(report: Report, figures: list[tuple[str, str]]) -> str:
