@@ -139,8 +139,8 @@ def _is_reports_root(folder: Path) -> bool:
 def _significance(board: pd.DataFrame, stats: BoardStatistics, path: Path) -> Path | None:
     panels = []
     for group in stats.groups:
-        order, delta, pvals = pairwise_matrix(stats, group)
-        panels.append((group.dataset, [row_label(board.loc[i]) for i in order], delta, pvals))
+        order, delta, pvals, decided = pairwise_matrix(stats, group)
+        panels.append((group.dataset, [row_label(board.loc[i]) for i in order], delta, pvals, decided))
     return figures.significance_matrix(panels, path, stats.level)
 
 

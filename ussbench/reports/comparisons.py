@@ -224,18 +224,19 @@ def fmt_p(p: float, n_resamples: int) -> str:
 
 def pairwise_matrix(
     stats: BoardStatistics, group: GroupStatistics, top: int = 10
-) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """(board indices of the top rows, Δ matrix row minus column, p-value matrix) of one dataset group."""
+) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """(board indices of the top rows, Δ matrix row minus column, p-values, decided: interval excludes 0)."""
     order = group.rows[:top]
     n = len(order)
     delta = np.zeros((n, n))
     pvals = np.ones((n, n))
+    decided = np.zeros((n, n), dtype=bool)
     for a in range(n):
         for b in range(n):
             if a != b:
                 d = group.delta(order[a], order[b], stats.level)
-                delta[a, b], pvals[a, b] = d.delta, d.p_value
-    return order, delta, pvals
+                delta[a, b], pvals[a, b], decided[a, b] = d.delta, d.p_value, d.decided
+    return order, delta, pvals, decided
 
 
 def halving_text(row: pd.Series) -> str:

@@ -93,21 +93,20 @@ def log_ticks(ax, values: pd.Series) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def significance_matrix(panels: list[tuple[str, list[str], np.ndarray, np.ndarray]], path: Path,
+def significance_matrix(panels: list[tuple[str, list[str], np.ndarray, np.ndarray, np.ndarray]], path: Path,
                         level: float = 0.95) -> Path | None:  # fmt: skip
-    """Pairwise Δ mIoU (row minus column) of the top rows, one panel per dataset: colour = Δ, cells whose paired
-    interval contains 0 are hatched grey and unannotated-bold; annotation = Δ with * (p < 0.05) / ** (p < 0.01)."""
+    """Pairwise Δ mIoU (row minus column) of the top rows, one panel per dataset: colour = Δ where the paired
+    interval excludes 0 (decided), hatched grey where it does not; annotation = Δ with * (p < 0.05) / ** (p < 0.01).
+    ``panels``: (title, row labels, Δ matrix, p-value matrix, decided matrix)."""
     panels = [p for p in panels if len(p[1]) >= 2]
     if not panels:
         return None
     n_max = max(len(p[1]) for p in panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 0.75 * n_max + 3.5) * len(panels), 0.6 * n_max + 2.5),
                              squeeze=False)  # fmt: skip
-    alpha = 1.0 - level
-    for ax, (title, labels, delta, pvals) in zip(axes[0], panels):
+    for ax, (title, labels, delta, pvals, decided) in zip(axes[0], panels):
         n = len(labels)
         limit = float(np.nanmax(np.abs(delta))) or 1.0
-        decided = pvals < alpha
         shown = np.where(decided | np.eye(n, dtype=bool), delta, np.nan)
         sns.heatmap(shown, cmap="RdBu_r", center=0, vmin=-limit, vmax=limit, ax=ax, cbar_kws={"label": "Δ mIoU (row − column)"},
                     xticklabels=[str(i + 1) for i in range(n)], yticklabels=[f"{i + 1}. {lab}" for i, lab in enumerate(labels)],
