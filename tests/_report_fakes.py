@@ -35,7 +35,7 @@ def fake_cell(
 
 def write_fake_cells(out: Path, rows: dict[str, object], seeds=(0, 1, 2), n_images: int = 40, image_seed: int = 0,
                      dataset: str = "toyset", env: dict | None = None, per_image: bool = True,
-                     image_prefix: str = "img") -> list[str]:  # fmt: skip
+                     image_prefix: str = "img", crf: bool = False) -> list[str]:  # fmt: skip
     """One cell per row x seed in ``out/cells``; ``rows``: image-clusterer label -> accuracy. Returns cell ids."""
     (out / "cells").mkdir(parents=True, exist_ok=True)
     ids = []
@@ -43,12 +43,15 @@ def write_fake_cells(out: Path, rows: dict[str, object], seeds=(0, 1, 2), n_imag
         for seed in seeds:
             cm = fake_cell(accuracy, n_images, seed, image_seed, salt)
             scores = evaluate_counts(cm.counts)
+            before = fake_cell(accuracy * 0.8, n_images, seed, image_seed, salt + 100) if crf else None
             cid = f"{dataset}-{label}-{seed}".replace(" ", "_").replace("(", "").replace(")", "")
             row = {"cell_id": cid, "dataset": dataset, "backbone": "toy-vit", "feature_learner": "none",
                    "image_clusterer": label, "dataset_clusterer": "k-means", "postprocess": "none", "seed": seed,
                    "miou": scores.miou * 100, "pixel_accuracy": scores.pixel_accuracy * 100, "n_clusters": 4,
                    "n_segments": 100, "n_images": n_images, "n_pixels": scores.n_pixels, "time_total_s": 1.0 + seed,
                    "peak_gpu_mb": 0.0, "peak_rss_mb": 100.0, "environment": env or ENV}  # fmt: skip
+            if before is not None:
+                row["miou_no_crf"] = evaluate_counts(before.counts).miou * 100
             ic_name = "none" if label == "raw tokens" else label
             record = {
                 "row": row,
@@ -70,7 +73,7 @@ def write_fake_cells(out: Path, rows: dict[str, object], seeds=(0, 1, 2), n_imag
             }
             atomic_write_json(out / "cells" / f"{cid}.json", record)
             if per_image:
-                arrays = cell_arrays(cm, None, [f"{image_prefix}{i:03d}" for i in range(n_images)])
+                arrays = cell_arrays(cm, before, [f"{image_prefix}{i:03d}" for i in range(n_images)])
                 with open(out / "cells" / f"{cid}.npz", "wb") as f:
                     np.savez_compressed(f, **arrays)
             ids.append(cid)

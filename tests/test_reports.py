@@ -245,3 +245,14 @@ def test_per_image_store_round_trips_crf_counts(tmp_path):
     assert np.array_equal(back.counts.per_image, after.per_image_counts())
     assert np.array_equal(back.counts_no_crf.per_image, before.per_image_counts())
     assert back.image_ids == cell.image_ids and back.fingerprint == cell.fingerprint
+
+
+def test_protocol_crf_rows_get_an_interval_without_crf_too(tmp_path):
+    out = tmp_path / "crf"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8}, crf=True)
+    build_report(out, "crf", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    no_crf = _cells(md, "good")[_column(md, "no CRF 95% CI")]
+    lo, hi = (float(x) for x in no_crf.strip("[]").split(","))
+    mean = float(_cells(md, "good")[_column(md, "mIoU no CRF (%)")].split("±")[0])
+    assert lo < mean < hi
