@@ -159,6 +159,7 @@ def test_index_lists_every_report(report, tmp_path):
     index = (tmp_path / "reports" / "index.html").read_text()
     assert "toy/leaderboard.html" in index and "second/leaderboard.html" in index
     assert "good" in index
+    assert "href='../index.html'" in (second / "leaderboard.html").read_text()
 
 
 def test_paper_number_beside_a_row_on_the_same_dataset(tmp_path, monkeypatch):

@@ -81,11 +81,14 @@ def build_report(
         except Exception as exc:  # panels need the data; a report without them is still a report
             log.warning("qualitative %s skipped: %s", key.replace("_", " "), exc)
             written[key] = None
+    index_root = _is_reports_root(output.parent)
+    written["index"] = output.parent / "index.html" if index_root else None  # the page links to it
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
                     _per_class(cells, board), written)  # fmt: skip
     written["markdown"] = atomic_write_text(output / "leaderboard.md", _markdown(report))
     written["html"] = atomic_write_text(output / "leaderboard.html", page.render(report, FIGURES))
-    written["index"] = build_index(output.parent) if _is_reports_root(output.parent) else None
+    if index_root:
+        build_index(output.parent)
     return {k: v for k, v in written.items() if v is not None}
 
 
