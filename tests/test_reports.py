@@ -64,7 +64,7 @@ def test_committed_folder_rebuilds_the_same_statistics_without_cells(report):
     build_report(report, "toy", n_resamples=300)
     after = (report / "leaderboard.md").read_text()
     strip = [_column(before, c) for c in ("mIoU 95% CI", "Δ mIoU vs baseline", "p", "rank", "acc. 95% CI")]
-    for line_a, line_b in zip(leaderboard_rows(before)[2:], leaderboard_rows(after)[2:]):
+    for line_a, line_b in zip(leaderboard_rows(before)[1:], leaderboard_rows(after)[1:]):
         a, b = line_a.strip("|").split("|"), line_b.strip("|").split("|")
         assert [a[i] for i in strip] == [b[i] for i in strip]
 
@@ -257,3 +257,23 @@ def test_protocol_crf_rows_get_an_interval_without_crf_too(tmp_path):
     lo, hi = (float(x) for x in no_crf.strip("[]").split(","))
     mean = float(_cells(md, "good")[_column(md, "mIoU no CRF (%)")].split("±")[0])
     assert lo < mean < hi
+
+
+def test_two_datasets_are_ranked_and_compared_separately(tmp_path):
+    out = tmp_path / "two"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8}, dataset="alpha", image_prefix="a")
+    write_fake_cells(out, {"raw tokens": 0.6, "good": 0.3}, dataset="beta", image_prefix="b", n_images=30)
+    build_report(out, "two", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in leaderboard_rows(md)[1:]]
+    head = [c.strip() for c in leaderboard_rows(md)[0].strip("|").split("|")]
+    ds, ic, rank, delta = (
+        head.index(c) for c in ("dataset", "image_clusterer", "rank", "Δ mIoU vs baseline")
+    )
+    by = {(r[ds], r[ic]): r for r in rows}
+    assert by[("alpha", "good")][rank] == "1" and by[("beta", "raw tokens")][rank] == "1"
+    assert (
+        by[("alpha", "raw tokens")][delta] == "baseline" and by[("beta", "raw tokens")][delta] == "baseline"
+    )
+    assert by[("beta", "good")][delta].startswith("-")
+    assert "**alpha** (40 images" in md and "**beta** (30 images" in md
