@@ -151,3 +151,21 @@ def test_intervals_are_centred_on_the_score_despite_re_matching_optimism():
     lo, hi = centred_interval(boot.miou, boot.nested_miou)
     assert lo < boot.miou < hi
     assert abs((lo + hi) / 2 - boot.miou) < abs((lo_p + hi_p) / 2 - boot.miou) - 2
+
+
+def test_seeds_to_decide_follows_the_seed_spread():
+    from ussbench.evaluation.statistics import seeds_to_decide
+
+    n = 80
+    acc = np.random.default_rng(11).uniform(0.4, 0.7, size=n)
+
+    def row(shift, spread, salt):
+        return [(s, synthetic_cell(n, np.clip(acc + shift + d, 0, 1), seed=100 * salt + s))
+                for s, d in enumerate((-spread, 0.0, spread))]  # fmt: skip
+
+    boot = bootstrap_rows({"a": row(0.04, 0.08, 1), "b": row(0.0, 0.08, 2), "c": row(0.08, 0.08, 3)}, 300)
+    small, large = seeds_to_decide(boot["a"], boot["b"]), seeds_to_decide(boot["c"], boot["b"])
+    assert small is not None and large is not None and small > large >= 2  # a larger Δ needs fewer seeds
+    twin = row(0.0, 0.08, 4)
+    same = bootstrap_rows({"x": twin, "y": twin}, 300)
+    assert seeds_to_decide(same["x"], same["y"]) is None  # no Δ to decide: only images could

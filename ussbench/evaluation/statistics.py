@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import scipy.sparse as sp
@@ -315,3 +316,22 @@ def halving_plan(row: RowBootstrap, level: float = DEFAULT_LEVEL) -> HalvingPlan
     seeds = math.ceil(v_seed * s / (target - v_img)) if target > v_img and v_seed > 0 else None
     factor = v_img / (target - v_seed) if target > v_seed and v_img > 0 else None
     return HalvingPlan(hi - lo, v_img / total if total > 0 else math.nan, seeds, factor)
+
+
+def seeds_to_decide(a: RowBootstrap, b: RowBootstrap, level: float = DEFAULT_LEVEL) -> int | None:
+    """Seeds per row (same images) at which the paired interval of the current Δ = A - B would exclude 0.
+
+    Normal approximation: half-width z sqrt(V_img + (s_A^2 + s_B^2)/S), with V_img the replicate variance of
+    the difference of the seed means (seeds held fixed) and s^2 the rows' between-seed variances. None when
+    the image part alone is as wide as |Δ| (only more images can decide it) or a row has a single seed.
+    """
+    if len(a.seeds) < 2 or len(b.seeds) < 2:
+        return None
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    delta = a.miou - b.miou
+    v_img = float(np.nanvar(a.miou_reps.mean(0) - b.miou_reps.mean(0), ddof=1))
+    v_seed = float(np.var(a.miou_point, ddof=1) + np.var(b.miou_point, ddof=1))
+    room = (delta / z) ** 2 - v_img
+    if room <= 0:
+        return None
+    return max(2, math.ceil(v_seed / room))

@@ -26,6 +26,7 @@ from ..evaluation.statistics import (
     halving_plan,
     paired_delta,
     rank_ranges,
+    seeds_to_decide,
 )
 from .tables import STAGE_COLUMNS
 
@@ -195,17 +196,28 @@ def decided_summary(board: pd.DataFrame, stats: BoardStatistics, top: int = 6) -
         decided = sum(g.delta(a, b, stats.level).decided for k, a in enumerate(order) for b in order[k + 1 :])
         lines.append(f"**{g.dataset}** ({g.n_images} images, {len(order)} rows): {decided} of {n_pairs} row pairs "
                      "are decided (paired interval excludes 0).")  # fmt: skip
-        for a, b in zip(order[: top - 1], order[1:top]):
-            d = g.delta(a, b, stats.level)
-            lines.append(f"{_who(board, order, a)} vs {_who(board, order, b)}: Δ {d.delta:+.2f} "
-                         f"[{d.low:+.2f}, {d.high:+.2f}], p = {fmt_p(d.p_value, stats.n_resamples)}: "
-                         f"{'decided' if d.decided else 'not decided'}")  # fmt: skip
+        pairs = [("", a, b) for a, b in zip(order[: top - 1], order[1:top])]
         if g.baseline is not None and order and order[0] != g.baseline:
-            d = g.delta(order[0], g.baseline, stats.level)
-            lines.append(f"best {_who(board, order, order[0])} vs baseline {_who(board, order, g.baseline)}: "
-                         f"Δ {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], p = {fmt_p(d.p_value, stats.n_resamples)}: "
-                         f"{'decided' if d.decided else 'not decided'}")  # fmt: skip
+            pairs.append(("best ", order[0], g.baseline))
+        for prefix, a, b in pairs:
+            d = g.delta(a, b, stats.level)
+            lines.append(f"{prefix}{_who(board, order, a)} vs {'baseline ' if b == g.baseline else ''}"
+                         f"{_who(board, order, b)}: Δ {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], "
+                         f"p = {fmt_p(d.p_value, stats.n_resamples)}: {_verdict(d, g.boots[a], g.boots[b], stats.level)}")  # fmt: skip
     return lines
+
+
+def _verdict(d: PairedDelta, a: RowBootstrap, b: RowBootstrap, level: float) -> str:
+    if d.decided:
+        return "decided"
+    need = seeds_to_decide(a, b, level)
+    if need is None:
+        return "not decided" + (
+            ""
+            if len(a.seeds) < 2 or len(b.seeds) < 2
+            else " (more images needed: the image part alone covers Δ)"
+        )
+    return f"not decided (about {need} seeds per row would decide it if Δ held)"
 
 
 def _who(board: pd.DataFrame, order: list[int], i: int) -> str:
