@@ -277,3 +277,14 @@ def test_two_datasets_are_ranked_and_compared_separately(tmp_path):
     )
     assert by[("beta", "good")][delta].startswith("-")
     assert "**alpha** (40 images" in md and "**beta** (30 images" in md
+
+
+def test_one_image_gets_no_interval_and_few_images_are_said_to_be_rough(tmp_path):
+    one, few = tmp_path / "one", tmp_path / "few"
+    write_fake_cells(one, {"raw tokens": 0.4, "good": 0.8}, n_images=1)
+    write_fake_cells(few, {"raw tokens": 0.4, "good": 0.8}, n_images=8)
+    build_report(one, "one", n_resamples=50)
+    build_report(few, "few", n_resamples=50)
+    assert "too few to resample" in (one / "leaderboard.md").read_text()
+    assert "mIoU 95% CI" not in (one / "leaderboard.md").read_text()
+    assert "intervals are rough" in (few / "leaderboard.md").read_text()

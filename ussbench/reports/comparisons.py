@@ -30,6 +30,8 @@ from ..evaluation.statistics import (
 )
 from .tables import STAGE_COLUMNS
 
+MIN_IMAGES = 2  # fewer: no interval at all (one image has no spread to resample)
+FEW_IMAGES = 20  # fewer: intervals are shown but said to be rough
 DEFAULT_BASELINE = {"feature_learner": "none", "image_clusterer": "none", "dataset_clusterer": "kmeans"}
 STAT_COLUMNS = ["miou_lo", "miou_hi", "acc_lo", "acc_hi", "miou_no_crf_lo", "miou_no_crf_hi", "rank_lo", "rank_hi",
                 "delta", "delta_lo", "delta_hi", "delta_p", "is_baseline", "ci_width", "image_share",
@@ -143,6 +145,12 @@ def board_statistics(
     groups = []
     for key, rows in grouped.items():
         dataset, _, matching, objective = key
+        n_images = next(iter(rows.values()))[0][1].n_images
+        if n_images < MIN_IMAGES:
+            notes.append(f"{dataset}: {n_images} image(s) scored: too few to resample, no intervals")
+            continue
+        if n_images < FEW_IMAGES:
+            notes.append(f"{dataset}: only {n_images} images scored: the bootstrap intervals are rough")
         boots = bootstrap_rows(rows, n_resamples, seed, matching, objective)
         order = [i for i in board.index if i in boots]
         for i in order:

@@ -66,8 +66,10 @@ def images_line(cells: list[dict[str, Any]]) -> str:
 
 def statistics_lines(stats: BoardStatistics | None) -> list[str]:
     if stats is None or not stats.available:
-        return ["Intervals: unavailable (no cell of this report stored per-image counts; rerun the grid to get them); "
-                "mean ± std over seeds only."]  # fmt: skip
+        why = "; ".join(stats.notes) if stats is not None and stats.notes else ""
+        if not why or "without per-image counts" in why:
+            why = "no cell of this report stored per-image counts; rerun the grid to get them"
+        return [f"Intervals: unavailable ({why}); mean ± std over seeds only."]
     rule = ", ".join(f"{k} `{v}`" for k, v in stats.baseline_rule.items())
     lines = [
         f"Statistics: {stats.method()}. Mean ± std over seeds beside it.",
