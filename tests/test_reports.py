@@ -54,6 +54,10 @@ def test_report_shows_intervals_baseline_delta_and_rank_ranges(report):
     assert good[rank] == "1–2" and twin[rank] == "1–2" and raw[rank] == "3" and bad[rank] == "4"
     assert "## Which differences are decided" in md and "not decided" in md
     assert (report / "significance.png").is_file()
+    table = pd.read_csv(report / "leaderboard.csv")
+    good_row = table[table.image_clusterer == "good"].iloc[0]
+    assert good_row.miou_lo < good_row.miou_mean < good_row.miou_hi and good_row.delta_lo > 0
+    assert table.is_baseline.sum() == 1 and table.rank_lo.min() == 1
 
 
 def test_committed_folder_rebuilds_the_same_statistics_without_cells(report):

@@ -1,4 +1,4 @@
-"""Build ``reports/<grid>/``: results CSV/Parquet, leaderboard Markdown/HTML, figures and panels."""
+"""Build ``reports/<grid>/``: results CSV/Parquet, leaderboard Markdown/HTML/CSV, statistics, figures, panels."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def build_report(
         except Exception as exc:  # panels need the data; a report without them is still a report
             log.warning("qualitative %s skipped: %s", key.replace("_", " "), exc)
             written[key] = None
+    written["leaderboard_csv"] = atomic_write(
+        output / "leaderboard.csv", lambda tmp: _leaderboard_csv(board, stats).to_csv(tmp, index=False)
+    )
     index_root = _is_reports_root(output.parent)
     written["index"] = output.parent / "index.html" if index_root else None  # the page links to it
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
@@ -132,6 +135,18 @@ class Report:
 
     def header_lines(self) -> list[str]:
         return _header(self.grid_name, self.run, self.cells, self.board, self.stats, self.origin_lines)
+
+
+def _leaderboard_csv(board: pd.DataFrame, stats: BoardStatistics) -> pd.DataFrame:
+    """The leaderboard with its statistics as numbers (one row per configuration), for citing and plotting."""
+    keep = [c for c in board.columns if not c.startswith("time_") and c not in ("peak_gpu_mb", "peak_rss_mb")]
+    frame = board[keep].copy()
+    for col in stats.table.columns:
+        frame[col] = (
+            pd.to_numeric(stats.table[col], errors="coerce") if col != "is_baseline" else stats.table[col]
+        )
+    frame["n_resamples"] = stats.n_resamples if stats.available else np.nan
+    return frame
 
 
 def _is_reports_root(folder: Path) -> bool:
