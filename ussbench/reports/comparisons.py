@@ -205,7 +205,7 @@ def decided_summary(board: pd.DataFrame, stats: BoardStatistics, top: int = 6) -
         lines.append(f"**{g.dataset}** ({g.n_images} images, {len(order)} rows): {decided} of {n_pairs} row pairs "
                      "are decided (paired interval excludes 0).")  # fmt: skip
         pairs = [("", a, b) for a, b in zip(order[: top - 1], order[1:top])]
-        if g.baseline is not None and order and order[0] != g.baseline:
+        if g.baseline is not None and order and g.baseline not in order[:2]:
             pairs.append(("best ", order[0], g.baseline))
         for prefix, a, b in pairs:
             d = g.delta(a, b, stats.level)
