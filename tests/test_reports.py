@@ -292,3 +292,16 @@ def test_one_image_gets_no_interval_and_few_images_are_said_to_be_rough(tmp_path
     assert "too few to resample" in (one / "leaderboard.md").read_text()
     assert "mIoU 95% CI" not in (one / "leaderboard.md").read_text()
     assert "intervals are rough" in (few / "leaderboard.md").read_text()
+
+
+def test_default_baseline_prefers_a_label_match_over_a_plugin_name_match(tmp_path, toy_root):
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.runner import run_grid
+
+    # km-sklearn is a kmeans plugin too; the row labelled 'kmeans' is the baseline
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"]))
+    run_grid(grid, progress=False)
+    md = (grid.output / "leaderboard.md").read_text()
+    assert _cells(md, "kmeans")[_column(md, "Δ mIoU vs baseline")] == "baseline"
+    assert "2 rows match the baseline rule; used: none + kmeans" in md

@@ -173,11 +173,12 @@ def board_statistics(
             table.loc[i, ["rank_lo", "rank_hi"]] = (lo, hi)
         candidates = [i for i in order if _matches(rule, board.loc[i], names_of[i])]
         if candidates:
-            group.baseline = candidates[0]  # the best-ranked row that matches the rule
+            # rows matching the rule by label come before those matching by plugin name only, then best first
+            by_label = {i: sum(board.loc[i].get(k) == v for k, v in rule.items()) for i in candidates}
+            group.baseline = sorted(candidates, key=lambda i: -by_label[i])[0]
             if len(candidates) > 1:
-                notes.append(
-                    f"{dataset}: {len(candidates)} rows match the baseline rule; the best-ranked is used"
-                )
+                used = row_label(board.loc[group.baseline])
+                notes.append(f"{dataset}: {len(candidates)} rows match the baseline rule; used: {used}")
             table.loc[group.baseline, "is_baseline"] = True
             for i in order:
                 d = group.delta(i, group.baseline, level)
