@@ -17,9 +17,10 @@ from ussbench.reports.build import build_report
 ROWS = {"raw tokens": 0.35, "good": 0.8, "good twin": 0.8, "bad": 0.2}
 
 
-@pytest.fixture
-def report(tmp_path):
-    out = tmp_path / "reports" / "toy"
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One report shared by the tests that only read it (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("shared") / "reports" / "toy"
     write_fake_cells(out, ROWS)
     build_report(out, "toy", n_resamples=300)
     return out
@@ -60,7 +61,8 @@ def test_report_shows_intervals_baseline_delta_and_rank_ranges(report):
     assert table.is_baseline.sum() == 1 and table.rank_lo.min() == 1
 
 
-def test_committed_folder_rebuilds_the_same_statistics_without_cells(report):
+def test_committed_folder_rebuilds_the_same_statistics_without_cells(report, tmp_path):
+    report = shutil.copytree(report, tmp_path / "toy")
     before = (report / "leaderboard.md").read_text()
     store = read_store(report / STORE_NAME)
     assert len(store) == len(ROWS) * 3
@@ -156,11 +158,11 @@ def test_compare_refuses_ambiguous_rows_and_other_data(report, tmp_path, capsys)
     assert "different images" in capsys.readouterr().err
 
 
-def test_index_lists_every_report(report, tmp_path):
-    second = tmp_path / "reports" / "second"
+def test_index_lists_every_report(report):
+    second = report.parent / "second"
     write_fake_cells(second, {"raw tokens": 0.3, "good": 0.7}, seeds=(0,))
     build_report(second, "second", n_resamples=50)
-    index = (tmp_path / "reports" / "index.html").read_text()
+    index = (report.parent / "index.html").read_text()
     assert "toy/leaderboard.html" in index and "second/leaderboard.html" in index
     assert "good" in index
     assert "href='../index.html'" in (second / "leaderboard.html").read_text()
