@@ -1,12 +1,13 @@
 """``ussbench compare``: the paired comparison of two leaderboard rows, of one report or of two report folders.
 
-Rows are picked by their position in the leaderboard table (``1`` = first line) or by a case-insensitive
-piece of their label (must match one row). Two folders are compared only when they scored the same images
+Rows are picked by their position in the leaderboard table (``1`` = first line) or by case-insensitive
+pieces of their label joined by ``+`` (e.g. ``"HSG + ABC"``; must match one row). Two folders are compared only when they scored the same images
 (same image ids and the same labelled pixels per image and class); otherwise the command refuses.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def pick_row(folder: Path, board: pd.DataFrame, cells: list[dict[str, Any]], cou
                 f"{folder}: row {selector} does not exist (the leaderboard has {len(board)} rows)"
             )
     else:
-        hits = [i for i, lab in enumerate(labels) if selector.lower() in lab.lower()]
+        terms = [t.strip().lower() for t in re.split(r"[+|]", selector) if t.strip()]  # 'HSG + ABC': both
+        hits = [i for i, lab in enumerate(labels) if all(t in lab.lower() for t in terms)]
         wanted = selector.strip().lower()
         exact = [
             i
