@@ -72,7 +72,8 @@ def learner_bars(results: pd.DataFrame, path: Path) -> Path | None:
 
 
 def log_ticks(ax, values: pd.Series) -> None:
-    """Readable log-axis ticks: 1-2-5 steps inside the data's range as plain numbers, no minor labels.
+    """Readable log-axis ticks: plain numbers at the coarsest of 1-2-5 / 1-1.5-2-3-5-7 / 1..9 steps that puts
+    at least three inside the data's range, at most eight labels, no minor labels.
 
     Matplotlib labels minor ticks (2x10^0, 3x10^0, ...) when the range spans less than a few decades, and
     they overlap; here only the chosen major ticks are labelled.
@@ -83,12 +84,18 @@ def log_ticks(ax, values: pd.Series) -> None:
     if finite.empty:
         return
     lo, hi = float(finite.min()), float(finite.max())
-    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
-             for m in (1, 2, 5)]  # fmt: skip
-    inside = [t for t in ticks if lo / 1.5 <= t <= hi * 1.5]
-    if len(inside) > 8:  # wide range: decades only
+    decades = range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
+    inside: list[float] = []
+    for steps in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [float(f"{m * 10.0**e:.6g}") for e in decades for m in steps]
+        inside = [t for t in ticks if lo / 1.15 <= t <= hi * 1.15]  # the axis' margins show a little more
+        if sum(lo <= t <= hi for t in ticks) >= 3:
+            break
+    if len(inside) > 8:  # wide range: decades only, then every other decade
         inside = [t for t in inside if np.isclose(np.log10(t) % 1, 0) or np.isclose(np.log10(t) % 1, 1)]
-    ax.xaxis.set_major_locator(FixedLocator(inside or ticks))
+        while len(inside) > 8:
+            inside = inside[::2]
+    ax.xaxis.set_major_locator(FixedLocator(inside))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
