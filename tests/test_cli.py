@@ -179,3 +179,18 @@ def test_readme_grid_runs_with_one_image(tmp_path, capsys):
         assert row["n_images"] == 1 and 0.0 <= row["miou"] <= 100.0
         assert row["n_clusters"] <= row["n_segments"] + 1  # + the background cluster of DSM's border segment
         assert "note" in row and "clipped" in row["note"]
+
+
+def test_ci_runs_exactly_the_readme_test_command_and_the_readme_grid_resolves():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Two commands")[1].split("```bash")[1].split("```")[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    ci = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert ci == [commands[1]], "CI must run exactly the README's test command"
+    grid = commands[0].split("--grid", 1)[1].split()[0]
+    assert load_grid(grid).stages["datasets"][0].name == "msrc_v2"
