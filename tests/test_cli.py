@@ -194,3 +194,40 @@ def test_ci_runs_exactly_the_readme_test_command_and_the_readme_grid_resolves():
     assert ci == [commands[1]], "CI must run exactly the README's test command"
     grid = commands[0].split("--grid", 1)[1].split()[0]
     assert load_grid(grid).stages["datasets"][0].name == "msrc_v2"
+
+
+def test_an_installed_copy_finds_its_grids_and_data_under_share(tmp_path, monkeypatch):
+    """A non-editable install has no checkout beside the package: grids and data come from <prefix>/share."""
+    import sysconfig
+
+    from ussbench import paths
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    share = tmp_path / "prefix" / "share" / "ussbench"
+    (share / "benchmarks").mkdir(parents=True)
+    (share / "data").mkdir()
+    (share / "benchmarks" / "g.yaml").write_text("name: g\n")
+    monkeypatch.setattr(paths, "PACKAGE_DIR", tmp_path / "site-packages" / "ussbench")
+    real_get_path = sysconfig.get_path
+    monkeypatch.setattr(
+        sysconfig,
+        "get_path",
+        lambda name, *a, **k: str(tmp_path / "prefix") if name == "data" else real_get_path(name, *a, **k),
+    )
+    monkeypatch.chdir(tmp_path)
+    assert paths.resolve_grid_path("g.yaml") == share / "benchmarks" / "g.yaml"
+    assert paths.default_data_root() == share / "data"
+    # ... and pyproject.toml really ships them there: every data-files pattern matches shipped files
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {
+        target: sorted(REPO.glob(pattern)) for target, patterns in data_files.items() for pattern in patterns
+    }
+    assert all(shipped.values()), {t: len(f) for t, f in shipped.items()}
+    assert sum(len(f) for t, f in shipped.items() if "msrc_v2" in t) == 2 * 591
+    assert sum(len(f) for t, f in shipped.items() if "camvid" in t) == 2 * 233
+    assert {p.name for p in shipped["share/ussbench/benchmarks"]} >= {
+        "msrc_grid.yaml",
+        "camvid_grid.yaml",
+        "voc_grid.yaml",
+    }
