@@ -108,10 +108,17 @@ def write_text(path, text):
 def test_yaml_1_2_floats_are_floats(tmp_path, toy_root):
     """'2e-2' (no dot) is a float, as YAML 1.2 and Hydra read it; YAML 1.1 would give the string '2e-2'."""
     path = tiny_grid(tmp_path, toy_root)
-    text = path.read_text() + "protocol: {panels: 2}\n"
-    text = text.replace("- kmeans\n", "- {name: otc, params: {epsilon: 2e-2}}\n", 1)
-    grid = load_grid(write_text(path, text.replace("protocol:\n  panels: 2\n", "")))
+    text = path.read_text().replace(
+        "- kmeans\n", "- {name: otc, params: {epsilon: 2e-2, sinkhorn_iter: 1e1}}\n", 1
+    )
+    assert "epsilon: 2e-2" in text
+    with pytest.raises(
+        ConfigError, match=r"parameter 'sinkhorn_iter' of dataset_clusterer 'otc' expects int, got 10.0"
+    ):
+        load_grid(write_text(path, text))  # 1e1 is the float 10.0, not an integer
+    grid = load_grid(write_text(path, text.replace(", sinkhorn_iter: 1e1", "")))
     assert grid.stages["dataset_clusterers"][0].params == {"epsilon": 0.02}
+    assert yaml.safe_load("x: 2e-2")["x"] == "2e-2", "PyYAML's own loader still reads YAML 1.1"
 
 
 @pytest.mark.parametrize(
