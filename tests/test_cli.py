@@ -231,3 +231,10 @@ def test_an_installed_copy_finds_its_grids_and_data_under_share(tmp_path, monkey
         "camvid_grid.yaml",
         "voc_grid.yaml",
     }
+
+
+def test_a_grid_may_extend_the_shipped_grid_of_its_own_name(tmp_path):
+    (tmp_path / "msrc_grid.yaml").write_text("base: msrc_grid.yaml\nname: my_msrc\nseeds: [7]\n")
+    grid = load_grid(tmp_path / "msrc_grid.yaml")
+    assert grid.sources == [tmp_path / "msrc_grid.yaml", REPO / "benchmarks" / "msrc_grid.yaml"]
+    assert grid.seeds == [7] and grid.name == "my_msrc" and len(grid.stages["image_clusterers"]) == 4

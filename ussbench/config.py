@@ -190,7 +190,9 @@ def read_composed(path: Path) -> tuple[dict[str, Any], list[Path]]:
         base = raw.pop("base", None)
         if base is not None and not isinstance(base, str):
             raise ConfigError(f"{current}: key 'base' expects a grid file name, got {base!r}")
-        current = resolve_grid_path(base, relative_to=current.parent) if base is not None else None
+        current = (
+            resolve_grid_path(base, relative_to=current.parent, skip=current) if base is not None else None
+        )
     merged: dict[str, Any] = {}
     for depth, layer in enumerate(reversed(layers)):
         inherited = {k: v for k, v in merged.items() if k not in NOT_INHERITED}

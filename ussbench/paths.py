@@ -45,11 +45,12 @@ def shipped_grids() -> list[str]:
     return sorted(p.name for p in folder.glob("*.yaml")) if folder is not None else []
 
 
-def resolve_grid_path(name: str | Path, relative_to: Path | None = None) -> Path:
+def resolve_grid_path(name: str | Path, relative_to: Path | None = None, skip: Path | None = None) -> Path:
     """A grid file by path, else by bare name in the project's ``benchmarks/`` (``.yaml`` may be left out).
 
-    A relative path is tried against ``relative_to`` (a including grid's folder) or the current folder
-    first. A name that is found nowhere is a ConfigError listing where it looked and the shipped grids.
+    A relative path is tried against ``relative_to`` (an including grid's folder) or the current folder
+    first; ``skip`` (the including grid itself, so that ``my/msrc_grid.yaml`` may extend the shipped
+    ``msrc_grid.yaml``) is passed over. A name found nowhere is a ConfigError listing where it looked.
     """
     raw = Path(name).expanduser()
     if raw.is_absolute():
@@ -60,7 +61,7 @@ def resolve_grid_path(name: str | Path, relative_to: Path | None = None) -> Path
     if raw.suffix == "":
         candidates = [c for path in candidates for c in (path, path.with_name(path.name + ".yaml"))]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() and (skip is None or candidate.resolve() != skip.resolve()):
             return candidate
     looked = ", ".join(dict.fromkeys(str(c.parent) for c in candidates))
     shipped = ", ".join(shipped_grids()) or "none found"
