@@ -144,6 +144,9 @@ def test_compare_refuses_ambiguous_rows_and_other_data(report, tmp_path, capsys)
     )
     assert main(["compare", str(report), "o", "bad"]) == 2  # 'o' matches several rows
     assert "matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(report), "1", "2", "--resamples", "0"])
+    assert exit_.value.code == 2 and "positive number of bootstrap replicates" in capsys.readouterr().err
     same = tmp_path / "same_data"
     write_fake_cells(same, {"raw tokens": 0.3, "other": 0.6})
     assert main(["compare", str(report), str(same), "--row-b", "other", "--resamples", "100"]) == 0
