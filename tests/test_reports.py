@@ -54,6 +54,7 @@ def test_report_shows_intervals_baseline_delta_and_rank_ranges(report):
     # the twins cannot be told apart; both are above the rest
     assert good[rank] == "1–2" and twin[rank] == "1–2" and raw[rank] == "3" and bad[rank] == "4"
     assert "## Which differences are decided" in md and "not decided" in md
+    assert "p ≤ " in md and "p = ≤" not in md  # the decided section's p-values read as text
     assert (report / "significance.png").is_file()
     table = pd.read_csv(report / "leaderboard.csv")
     good_row = table[table.image_clusterer == "good"].iloc[0]

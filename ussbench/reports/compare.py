@@ -26,7 +26,7 @@ from ..evaluation.statistics import (
     centred_interval,
     paired_delta,
 )
-from .comparisons import fmt_p, row_cells
+from .comparisons import p_clause, row_cells
 from .records import collect_per_image_counts, load_report_cells
 from .tables import STAGE_COLUMNS, leaderboard_frame, results_frame
 
@@ -143,7 +143,7 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
         lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
                      f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
     verdict = "decided" if d.decided else "not decided (the interval contains 0)"
-    lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], p = {fmt_p(d.p_value, n_resamples)}: "
+    lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "
                  f"{verdict}")  # fmt: skip
     lines.append(f"{boots['a'].n_images} images; {METHOD.format(B=n_resamples, seed=seed, level=level)}.")
     return "\n".join(lines)

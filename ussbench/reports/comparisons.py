@@ -212,7 +212,7 @@ def decided_summary(board: pd.DataFrame, stats: BoardStatistics, top: int = 6) -
             d = g.delta(a, b, stats.level)
             lines.append(f"{prefix}{_who(board, order, a)} vs {'baseline ' if b == g.baseline else ''}"
                          f"{_who(board, order, b)}: Δ {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], "
-                         f"p = {fmt_p(d.p_value, stats.n_resamples)}: {_verdict(d, g.boots[a], g.boots[b], stats.level)}")  # fmt: skip
+                         f"{p_clause(d.p_value, stats.n_resamples)}: {_verdict(d, g.boots[a], g.boots[b], stats.level)}")  # fmt: skip
     return lines
 
 
@@ -241,6 +241,12 @@ def fmt_p(p: float, n_resamples: int) -> str:
     if p <= floor + 1e-12:
         return f"≤ {floor:.3f}" if floor >= 0.001 else f"≤ {floor:.1e}"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def p_clause(p: float, n_resamples: int) -> str:
+    """'p = 0.081' or 'p ≤ 0.001' (never 'p = ≤ ...') for running text."""
+    text = fmt_p(p, n_resamples)
+    return f"p {text}" if text.startswith("≤") else f"p = {text}"
 
 
 def pairwise_matrix(
