@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,10 @@ def data_classes() -> tuple[type, ...]:
 def _numpy_globals() -> list[Any]:
     core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
     multiarray = core.multiarray
-    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: the dtype classes a pickled dtype BUILDs
+    classes = [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes is not None else []
+    classes += [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGSUV"]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dict.fromkeys(classes)]
 
 
 def allowed_globals() -> list[Any]:
@@ -49,15 +53,27 @@ class UnsafeFileError(Exception):
 def safe_load(path: Path | str) -> Any:
     """Load a file written by :func:`safe_save` (or any torch file of allow-listed types), never unpickling code."""
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's advice on foreign pickles: we say why below
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError,
             KeyError, IndexError, UnicodeDecodeError, ImportError) as exc:  # fmt: skip
-        first = str(exc).strip().splitlines()
-        reason = next((line.strip() for line in first if "Unsupported global" in line), None)
-        raise UnsafeFileError(reason or (first[0] if first else type(exc).__name__)) from None
+        raise UnsafeFileError(_reason(exc)) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative line of a loader error (torch's weights-only errors bury it in advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "Unsupported global" in line or "Can only build" in line:
+            return line
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1]
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return lines[0] if lines else type(exc).__name__
 
 
 def safe_save(obj: Any, path: Path | str) -> None:

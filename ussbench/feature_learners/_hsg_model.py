@@ -386,7 +386,7 @@ class HSGModel(nn.Module):
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> HSGModel:
-        blob = torch.load(path, map_location=device, weights_only=False)
+        blob = torch.load(path, map_location=device, weights_only=True)
         model = cls(int(blob["in_dim"]), HSGConfig(**blob["config"]))
         model.load_state_dict(blob["state"])
         return model.to(device)
