@@ -54,7 +54,7 @@ def safe_load(path: Path | str) -> Any:
     """Load a file written by :func:`safe_save` (or any torch file of allow-listed types), never unpickling code."""
     try:
         with torch.serialization.safe_globals(allowed_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's advice on foreign pickles: we say why below
+            warnings.simplefilter("ignore", UserWarning)  # torch's advice on foreign pickles; we say why
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
