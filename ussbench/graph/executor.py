@@ -55,6 +55,8 @@ class ExecutionSummary:
     outcomes: list[CellOutcome] = field(default_factory=list)
     computed: Counter = field(default_factory=Counter)
     loaded: Counter = field(default_factory=Counter)
+    peak_held: int = 0  # most stage values held in memory at once
+    held_at_end: int = 0
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -111,6 +113,7 @@ class _Walk:
         self.fresh: set[str] = set()  # nodes computed for the current cell (not reused)
         self.computed: Counter = Counter()
         self.loaded: Counter = Counter()
+        self.peak_held = 0
 
     def begin_cell(self) -> None:
         self.fresh = set()
@@ -157,6 +160,7 @@ class _Walk:
             for inp in node.inputs.values():
                 self.release(inp)
         self.memo[key] = value
+        self.peak_held = max(self.peak_held, len(self.memo))
         return value
 
     def _compute(self, node: Node) -> Any:
@@ -235,6 +239,7 @@ class InProcessExecutor(Executor):
             bar.update()
         bar.close()
         summary.computed, summary.loaded = walk.computed, walk.loaded
+        summary.peak_held, summary.held_at_end = walk.peak_held, len(walk.memo)
         return summary
 
     def _cell(self, i: int, plan: Plan, store: CellStore, walk: _Walk, record: RecordContext,

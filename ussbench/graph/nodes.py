@@ -71,6 +71,17 @@ class Stage(abc.ABC):
         """A short human-readable name (logs and error lines)."""
         return self.kind
 
+    def rng_seed(self) -> int:
+        """The seed of the global RNGs during the compute (the node's key must cover it)."""
+        return int(self.seed)
+
+
+def takes_seed(entry: Any) -> bool:
+    """Whether a stage entry's plugin has a ``seed`` parameter (its node's key then includes the seed)."""
+    from .. import registry
+
+    return not entry.skipped and "seed" in registry.get(entry.kind, entry.name).params
+
 
 @dataclass(eq=False)
 class Node:
@@ -106,7 +117,7 @@ def seed_everything(seed: int) -> None:
 
 def compute_node(node: Node, inputs: Inputs, rt: Runtime) -> Any:
     """Run a node's compute with the global RNGs seeded from its seed (the same in every executor)."""
-    seed_everything(int(node.stage.seed))
+    seed_everything(node.stage.rng_seed())
     return node.stage.compute(inputs, rt)
 
 

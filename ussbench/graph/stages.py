@@ -27,7 +27,7 @@ from .evaluation import (
     segment_covering,
 )
 from .machine import row_machine_facts
-from .nodes import Inputs, Resources, Stage
+from .nodes import Inputs, Resources, Stage, takes_seed
 from .runtime import Runtime
 
 
@@ -96,6 +96,9 @@ class LearnedStage(Stage):
             stored["flipped_codes"] = [im.code for im in learner.transform(inputs["flipped"], fctx)]
         return stored
 
+    def rng_seed(self) -> int:
+        return self.seed if takes_seed(self.learner) else 0
+
     def describe(self) -> str:
         return f"learner {self.learner.label} (seed {self.seed})"
 
@@ -130,8 +133,13 @@ class SegmentsStage(Stage):
         ic.fit(features, ctx)
         return {"segments": ic.predict(features, ctx), "artifacts": ic.artifacts()}
 
+    def rng_seed(self) -> int:  # a clusterer without a seed is one node for every seed: seed its RNGs alike
+        return self.seed if takes_seed(self.clusterer) else 0
+
     def describe(self) -> str:
-        return f"image clusterer {self.clusterer.label} (seed {self.seed})"
+        return f"image clusterer {self.clusterer.label}" + (
+            f" (seed {self.seed})" if takes_seed(self.clusterer) else ""
+        )
 
 
 @dataclass
