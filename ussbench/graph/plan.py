@@ -111,7 +111,10 @@ class Planner:
         view = self.rt.dataset(ds, flip)
         key = stable_hash({"dataset": {**view.cache_identity(), "content": self.data_fingerprint(ds)},
                            "backbone": self.backbone_identity(bb), "ussbench": __version__})  # fmt: skip
-        return graph.add(Node(key, FeaturesStage(ds, bb, flip, self.heavy)))
+        resources = Resources(
+            self.heavy.cpus, self.heavy.gpus, features_memory_mb(view, self.rt.backbone(bb))
+        )
+        return graph.add(Node(key, FeaturesStage(ds, bb, flip, resources)))
 
     def cell_node(self, graph: Graph, cell: Cell, cid: str) -> Node:
         rt, spec = self.rt, self.rt.spec
@@ -167,6 +170,16 @@ class Planner:
         if flipped is not None:
             sink_inputs["flipped"] = flipped
         return Node(cid, CellStage(cell), sink_inputs, cell=cell)
+
+
+def features_memory_mb(dataset: Any, backbone: Any) -> int:
+    """A memory hint for a features node: fp16 tokens and keys of every image at the backbone's resolution
+    (aspect ratio 3:2, embedding width 768 when the backbone does not say), plus the network, in MB."""
+    patch = int(getattr(backbone, "patch_size", 16) or 16)
+    side = int(getattr(backbone, "resolution", 224) or 224) / patch
+    width = int(getattr(backbone, "embed_dim", 0) or 768)
+    per_image = side * side * 1.5 * width * 2 * 2
+    return int(len(dataset) * per_image / 2**20) + 512
 
 
 def plan_cells(cells: list[Cell], rt: Runtime) -> Plan:
