@@ -100,6 +100,49 @@ class StageFailed(Exception):
         self.traceback = tb
 
 
+@dataclass
+class Materialized:
+    """A node's value and how it was obtained in this process: computed (fresh) or loaded, and the seconds."""
+
+    value: Any
+    seconds: float
+    computed: bool
+
+
+def load_cached(node: Node, rt: Runtime) -> Materialized | None:
+    """The node's value from the disk cache (None if it is not cached or the entry is absent/untrusted)."""
+    if not node.cached:
+        return None
+    start = time.perf_counter()
+    value = rt.cache.load(node.stage.cache_stage, node.key)
+    return None if value is None else Materialized(value, time.perf_counter() - start, False)
+
+
+def materialize(node: Node, inputs: Inputs, rt: Runtime) -> Materialized:
+    """Compute a node from its inputs' values in any process; a cached stage is computed under its entry lock
+    (another process that computed it meanwhile is read instead) and saved. Errors propagate."""
+    if not node.cached:
+        start = time.perf_counter()
+        value = compute_node(node, inputs, rt)
+        return Materialized(value, time.perf_counter() - start, True)
+    with rt.cache.lock(node.stage.cache_stage, node.key):
+        hit = load_cached(node, rt)
+        if hit is not None:
+            return hit
+        start = time.perf_counter()
+        value = compute_node(node, inputs, rt)
+        seconds = time.perf_counter() - start
+        rt.cache.save(node.stage.cache_stage, node.key, value)
+        return Materialized(value, seconds, True)
+
+
+def stage_failure(node: Node, exc: BaseException) -> StageFailed:
+    """Wrap a node's error: names the node, keeps the traceback as text and drops the frames (their tensors)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    return StageFailed(node.stage.describe(), exc, tb)
+
+
 class _Walk:
     """The in-process walk's state: memo with consumer counts, first-use timings, failures, statistics."""
 
@@ -129,16 +172,21 @@ class _Walk:
             for inp in node.inputs.values():
                 self.release(inp)
 
-    def _load(self, node: Node) -> Any | None:
-        if not node.cached:
-            return None
-        start = time.perf_counter()
-        value = self.rt.cache.load(node.stage.cache_stage, node.key)
-        if value is not None:
-            self.seconds.setdefault(node.key, time.perf_counter() - start)
+    def _note(self, node: Node, got: Materialized) -> Any:
+        self.seconds.setdefault(node.key, got.seconds)
+        if got.computed:
+            self.fresh.add(node.key)
+            self.computed[node.kind] += 1
+            if node.cell is None:
+                log.info("computed %s in %.2f s", node.describe(), got.seconds)
+        else:
             self.loaded[node.kind] += 1
             log.info("loaded %s from the cache", node.describe())
-        return value
+        return got.value
+
+    def _load(self, node: Node) -> Any | None:
+        hit = load_cached(node, self.rt)
+        return None if hit is None else self._note(node, hit)
 
     def resolve(self, node: Node) -> Any:
         """The node's value: memo, else disk cache, else computed from its inputs (under its entry lock)."""
@@ -172,34 +220,12 @@ class _Walk:
             raise
         inputs = Inputs(values, {n: self.seconds.get(i.key, 0.0) for n, i in node.inputs.items()},
                         {n: i.key not in self.fresh for n, i in node.inputs.items()})  # fmt: skip
-        cache = self.rt.cache
         try:
-            if node.cached:
-                with cache.lock(node.stage.cache_stage, key):
-                    value = self._load(node)  # another process may have computed it while we waited
-                    if value is None:
-                        value = self._timed_compute(node, inputs)
-                        cache.save(node.stage.cache_stage, key, value)
-            else:
-                value = self._timed_compute(node, inputs)
+            return self._note(node, materialize(node, inputs, self.rt))
         except Exception as exc:  # noqa: BLE001 - any stage error fails the cells that need this node
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            exc.__traceback__ = None  # do not keep the frames (and their tensors) alive
-            failure = StageFailed(node.stage.describe(), exc, tb)
+            failure = stage_failure(node, exc)
             self.failed[key] = failure
             raise failure from None
-        return value
-
-    def _timed_compute(self, node: Node, inputs: Inputs) -> Any:
-        start = time.perf_counter()
-        value = compute_node(node, inputs, self.rt)
-        seconds = time.perf_counter() - start
-        self.seconds.setdefault(node.key, seconds)
-        self.fresh.add(node.key)
-        self.computed[node.kind] += 1
-        if node.cell is None:
-            log.info("computed %s in %.2f s", node.describe(), seconds)
-        return value
 
 
 class InProcessExecutor(Executor):
