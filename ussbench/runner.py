@@ -130,8 +130,12 @@ def run_grid(
     out = grid.output
     plan, rt = plan_grid(grid, progress, limit_cells)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    for folder in (out, grid.cache_dir):
-        for path in clean_orphans(folder):
+    for folder, recursive in (
+        (out, False),
+        (out / "cells", True),
+        (grid.cache_dir, True),
+    ):  # our folders only
+        for path in clean_orphans(folder, recursive):
             log.info("removed %s (left by a killed run)", path)
     env = environment_info(rt.device)
     atomic_write_json(out / "run.json", {"grid": grid.raw, "grid_file": str(grid.path), "environment": env,
