@@ -1,11 +1,11 @@
-"""Where do results change with the thread count? Same grid, seed and data with 1 vs N threads, stage by stage.
+"""Where do a seeded cell's numbers change between machines? Same grid, seed and data; other threads or ISA.
 
-The closest a single machine gets to "another machine": the numbers of a seeded cell may depend on how many
-threads split a reduction (BLAS/LAPACK kernels, OpenMP loops in faiss and scikit-learn). This script
-runs one grid seed with 1 thread (cache A), then with N threads three times: (B) from A's features,
-(C) from A's features and segments, and compares feature entries, segmentations, dataset-level labels and
-the cells' mIoU, so each difference is attributed to the stage that first produced it. Features are
-compared on a subset extracted with both thread counts.
+The closest one machine gets to "another machine": (1) another thread count (reductions split across
+threads: BLAS/LAPACK, OpenMP loops in faiss and scikit-learn, torch's CPU kernels); (2) other vector
+kernels: MKL, oneDNN, ATen and OpenBLAS forced to AVX2 as on a CPU without AVX-512. Run A uses 1 thread
+and the default ISA; each variant runs (B) from A's features and (C) from A's features and segments, in
+a fresh process with the variant's environment, so every difference is attributed to the stage that first
+produced it. Features themselves are compared on a subset extracted under both settings.
 
     python benchmarks/perf/thread_repro.py --grid benchmarks/msrc_grid.yaml --data-root data --work .cache/repro
 """
@@ -14,49 +14,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+REPO = Path(__file__).resolve().parents[2]
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "USSBENCH_THREADS")
+AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+        "OPENBLAS_CORETYPE": "Haswell", "FAISS_OPT_LEVEL": "avx2"}  # fmt: skip
 
 
-def set_threads(n: int) -> dict:
-    """Every thread pool a cell uses: torch intra-op, faiss OpenMP, BLAS and scikit-learn's OpenMP."""
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-    threadpool_limits(n)
-    from ussbench.graph.machine import thread_counts
-
-    return thread_counts()
+def variant_env(threads: int, isa: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS and k not in AVX2}
+    env.update({k: str(threads) for k in THREAD_VARS}, PYTHONPATH=str(REPO), **(isa or {}))
+    return env
 
 
-def run(
-    grid_path: str, data_root: str, cache: Path, out: Path, threads: int, seeds: list[int], limit: int | None
-):
-    from ussbench.config import limit_images, load_grid
-    from ussbench.runner import run_grid
-
-    print(f"threads {threads}: {set_threads(threads)}", flush=True)
-    grid = load_grid(
-        grid_path, {"data_root": data_root, "cache_dir": str(cache), "output": str(out), "seeds": seeds}
-    )
-    if limit:
-        grid = limit_images(grid, limit)
+def run(args, cache: Path, out: Path, env: dict[str, str]) -> dict[str, dict]:
+    """One grid run in a fresh process under ``env``; returns its cell records by id."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "ussbench", "run", "--grid", args.grid, "--data-root", args.data_root,
+           "--cache-dir", str(cache), "--output", str(out), "--seeds", *map(str, args.seeds), "--no-progress",
+           "--no-report"] + (["--limit", str(args.limit)] if args.limit else [])  # fmt: skip
     t = time.perf_counter()
-    summary = run_grid(grid, progress=False, report=False)
-    print(f"  {summary.n_run} cells in {time.perf_counter() - t:.0f} s", flush=True)
-    return {
-        json.loads(p.read_text())["row"]["cell_id"]: json.loads(p.read_text())
-        for p in (out / "cells").glob("*.json")
-    }
+    subprocess.run(cmd, env=env, check=True, cwd=REPO)
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    row = next(iter(records.values()))["row"]
+    print(f"  {len(records)} cells in {time.perf_counter() - t:.0f} s; threads torch {row['threads_torch']}, "
+          f"OpenMP {row['threads_omp']}, BLAS {row['threads_blas']}", flush=True)  # fmt: skip
+    return records
 
 
 def compare_segments(a: Path, b: Path) -> list[str]:
+    """Per segments entry present in both caches: images whose partition differs, largest vector difference."""
+    sys.path.insert(0, str(REPO))
     from ussbench.cache import read_entry
     from ussbench.image_clusterers._spectral import same_partition
 
@@ -76,6 +70,38 @@ def compare_segments(a: Path, b: Path) -> list[str]:
     return lines
 
 
+FEATURES = """
+import sys, torch
+from ussbench import registry
+from ussbench.config import load_grid
+grid = load_grid(sys.argv[1], {"data_root": sys.argv[2]})
+bb, ds = grid.stages["backbones"][0], grid.stages["datasets"][0]
+data = registry.instantiate(registry.get("dataset", ds.name), {**ds.params, "data_root": sys.argv[2], "limit": int(sys.argv[3])})
+model = registry.instantiate(registry.get("backbone", bb.name), {**bb.params, "cache_dir": sys.argv[4]})
+fs = model.extract(data, torch.device("cpu"), progress=False)
+torch.save({k: [getattr(im, k) for im in fs] for k in ("tokens", "keys", "cls", "attn")}, sys.argv[5])
+"""
+
+
+def compare_features(args, work: Path, variants: dict[str, dict[str, str]]) -> None:
+    import torch
+
+    saved = {}
+    for name, env in variants.items():
+        path = work / f"features_{name}.pt"
+        subprocess.run([sys.executable, "-c", FEATURES, args.grid, args.data_root, str(args.feature_images),
+                        str(work / "A"), str(path)], env=env, check=True, cwd=REPO)  # fmt: skip
+        saved[name] = torch.load(path, weights_only=True)
+    base = saved.pop("A")
+    for name, other in saved.items():
+        for key in base:
+            same = sum(torch.equal(x, y) for x, y in zip(base[key], other[key]))
+            diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(base[key], other[key]))
+            print(
+                f"features {key} ({name} vs A): {same}/{len(base[key])} images bitwise equal, max |diff| {diff:.2e}"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="benchmarks/msrc_grid.yaml")
@@ -84,57 +110,42 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--feature-images", type=int, default=48, help="images extracted with both thread counts")
+    ap.add_argument("--feature-images", type=int, default=48, help="images extracted under every setting")
+    ap.add_argument("--variants", nargs="+", default=["threads", "avx2"], choices=["threads", "avx2"])
     args = ap.parse_args()
+    work = Path(args.work).resolve()
+    args.grid = str(Path(args.grid).resolve())
+    args.data_root = str(Path(args.data_root).resolve())
+    sys.path.insert(0, str(REPO))
     from ussbench.graph.machine import cpu_isa, cpu_model
 
-    work = Path(args.work)
     print(f"machine: {cpu_model()} [{cpu_isa()}]")
-    # features: extracted with 1 and N threads on a subset
-    from ussbench import registry
-    from ussbench.config import load_grid
-
-    grid = load_grid(args.grid, {"data_root": args.data_root})
-    bb_entry, ds_entry = grid.stages["backbones"][0], grid.stages["datasets"][0]
-    ds = registry.instantiate(registry.get("dataset", ds_entry.name),
-                              {**ds_entry.params, "data_root": args.data_root, "limit": args.feature_images})  # fmt: skip
-    feats = {}
-    for n in (1, args.threads):
-        set_threads(n)
-        bb = registry.instantiate(
-            registry.get("backbone", bb_entry.name), {**bb_entry.params, "cache_dir": str(work / "weights")}
-        )
-        feats[n] = bb.extract(ds, torch.device("cpu"), progress=False)
-    for name in ("tokens", "keys", "cls", "attn"):
-        diffs = [
-            float((getattr(x, name).float() - getattr(y, name).float()).abs().max())
-            for x, y in zip(feats[1], feats[args.threads])
-        ]
-        same = sum(
-            torch.equal(getattr(x, name), getattr(y, name)) for x, y in zip(feats[1], feats[args.threads])
-        )
-        print(f"features {name}: {same}/{len(diffs)} images bitwise equal, max |diff| {max(diffs):.2e}")
-
-    a = run(args.grid, args.data_root, work / "A", work / "out_A", 1, args.seeds, args.limit)
-    for tag, stages in (("B", ("features",)), ("C", ("features", "segments"))):
-        cache = work / tag
-        shutil.rmtree(cache, ignore_errors=True)
-        for stage in stages:
-            shutil.copytree(work / "A" / stage, cache / stage)
-        shutil.rmtree(work / f"out_{tag}", ignore_errors=True)
-        b = run(args.grid, args.data_root, cache, work / f"out_{tag}", args.threads, args.seeds, args.limit)
-        print(f"-- {tag}: {args.threads} threads from 1-thread {' + '.join(stages)}")
-        if tag == "B":
-            print("\n".join(compare_segments(work / "A" / "segments", cache / "segments")))
-        for cid in sorted(
-            a, key=lambda c: (a[c]["row"]["image_clusterer"], a[c]["row"]["dataset_clusterer"])
-        ):
-            ra, rb = a[cid]["row"], b[cid]["row"]
-            same = a[cid]["confusion"] == b[cid]["confusion"]
-            print(f"  {ra['image_clusterer']:28s} {ra['dataset_clusterer']:16s} seed {ra['seed']}: "
-                  f"mIoU {ra['miou']:.3f} vs {rb['miou']:.3f} (diff {rb['miou'] - ra['miou']:+.3f})"
-                  f"{'  identical' if same else ''}")  # fmt: skip
-    np.set_printoptions(precision=3)
+    variants = {"A": variant_env(1)}
+    if "threads" in args.variants:
+        variants[f"{args.threads} threads"] = variant_env(args.threads)
+    if "avx2" in args.variants:
+        variants["AVX2 kernels"] = variant_env(1, AVX2)
+    print("-- A: 1 thread, default kernels")
+    a = run(args, work / "A", work / "out_A", variants["A"])
+    compare_features(args, work, variants)
+    for name, env in list(variants.items())[1:]:
+        for tag, stages in (("B", ("features",)), ("C", ("features", "segments"))):
+            cache = work / f"{name.replace(' ', '_')}_{tag}"
+            shutil.rmtree(cache, ignore_errors=True)
+            for stage in stages:
+                shutil.copytree(work / "A" / stage, cache / stage)
+            print(f"-- {name} ({tag}) from A's {' + '.join(stages)}")
+            b = run(args, cache, work / f"out_{cache.name}", env)
+            if tag == "B":
+                print("\n".join(compare_segments(work / "A" / "segments", cache / "segments")))
+            for cid in sorted(
+                a, key=lambda c: (a[c]["row"]["image_clusterer"], a[c]["row"]["dataset_clusterer"])
+            ):
+                ra, rb = a[cid]["row"], b[cid]["row"]
+                same = a[cid]["confusion"] == b[cid]["confusion"]
+                print(f"  {ra['image_clusterer']:28s} {ra['dataset_clusterer']:16s} seed {ra['seed']}: "
+                      f"mIoU {ra['miou']:.3f} vs {rb['miou']:.3f} (diff {rb['miou'] - ra['miou']:+.3f})"
+                      f"{'  identical' if same else ''}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
