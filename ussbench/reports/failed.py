@@ -29,7 +29,7 @@ def failures_markdown(output: Path, cell_ids: set[str] | None = None) -> str:
     if not rows:
         return ""
     head, body = _table(rows)
-    lines = ["## Failed cells", "",
+    lines = ["", "## Failed cells", "",
              f"{len(rows)} cell(s) raised an error and are missing from the leaderboard above (their rows have "
              "fewer seeds or are absent); full tracebacks in `errors.log`. A new run retries them.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]  # fmt: skip
