@@ -26,6 +26,15 @@ from ussbench.runner import run_grid
 KM3 = {"name": "kmeans_per_image", "params": {"n_segments": 3}, "label": "km3"}
 
 
+def rows(out) -> dict[str, dict]:
+    """cell id -> result row of every finished cell record (no report needed)."""
+    return {p.stem: json.loads(p.read_text())["row"] for p in (out / "cells").glob("*.json")}
+
+
+def run(grid):
+    return run_grid(grid, progress=False, report=False)
+
+
 class Payload:
     """Unpickling this runs code: it writes ``marker`` (what a booby-trapped file would do, harmlessly)."""
 
@@ -53,8 +62,8 @@ def test_planted_pickle_in_the_cache_never_runs_and_is_recomputed(tmp_path, toy_
     grid = load_grid(
         tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=[KM3], dataset_clusterers=["kmeans"])
     )
-    first = run_grid(grid, progress=False)
-    before = pd.read_csv(first.output / "results.csv").miou.tolist()
+    first = run(grid)
+    before = {k: r["miou"] for k, r in rows(first.output).items()}
     marker = tmp_path / "marker"
     for stage in ("features", "segments"):
         (entry,) = (grid.cache_dir / stage).glob("*.pt")
@@ -62,10 +71,10 @@ def test_planted_pickle_in_the_cache_never_runs_and_is_recomputed(tmp_path, toy_
     for record in (first.output / "cells").glob("*.json"):
         record.unlink()
     with caplog.at_level(logging.WARNING):
-        again = run_grid(grid, progress=False)
+        again = run(grid)
     assert not marker.exists(), "a cache entry executed code"
     assert again.n_run == 1
-    assert pd.read_csv(first.output / "results.csv").miou.tolist() == before
+    assert {k: r["miou"] for k, r in rows(first.output).items()} == before
     warnings = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
     assert len(warnings) == 2 and all("\n" not in w and "Unsupported global" in w for w in warnings)
     assert len(list((grid.cache_dir / "corrupt").rglob("*.pt*"))) == 2
@@ -97,17 +106,17 @@ def test_other_data_under_the_same_names_is_never_reused(tmp_path):
         p.name for p in (b / "images").iterdir()
     )
     settings = {"seeds": [0], "image_clusterers": [KM3], "dataset_clusterers": ["kmeans"]}
-    run_grid(load_grid(tiny_grid(tmp_path, a, **settings)), progress=False)
-    on_b = run_grid(load_grid(tiny_grid(tmp_path, b, **settings)), progress=False)
+    run(load_grid(tiny_grid(tmp_path, a, **settings)))
+    on_b = run(load_grid(tiny_grid(tmp_path, b, **settings)))
     assert (on_b.n_run, on_b.n_resumed) == (1, 0)
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    alone = run_grid(load_grid(tiny_grid(fresh, b, **settings)), progress=False)
-    mixed = pd.read_csv(on_b.output / "results.csv")
-    clean = pd.read_csv(alone.output / "results.csv")
-    mixed = mixed[mixed.cell_id.isin(set(clean.cell_id))]
-    assert len(mixed) == 1 and mixed.miou.tolist() == clean.miou.tolist()
+    alone = rows(run(load_grid(tiny_grid(fresh, b, **settings))).output)
+    mixed = rows(on_b.output)
+    assert len(alone) == 1 and len(mixed) == 2
+    (cid,) = alone
+    assert mixed[cid]["miou"] == alone[cid]["miou"]
 
 
 def test_a_copy_of_the_same_data_elsewhere_resumes(tmp_path):
@@ -116,8 +125,8 @@ def test_a_copy_of_the_same_data_elsewhere_resumes(tmp_path):
     copy = tmp_path / "elsewhere" / "toy"
     shutil.copytree(a, copy, copy_function=shutil.copyfile)  # new mtimes
     settings = {"seeds": [0], "image_clusterers": [KM3], "dataset_clusterers": ["kmeans"]}
-    run_grid(load_grid(tiny_grid(tmp_path, a, **settings)), progress=False)
-    again = run_grid(load_grid(tiny_grid(tmp_path, copy, **settings)), progress=False)
+    run(load_grid(tiny_grid(tmp_path, a, **settings)))
+    again = run(load_grid(tiny_grid(tmp_path, copy, **settings)))
     assert (again.n_run, again.n_resumed) == (0, 1)
 
 
@@ -154,14 +163,17 @@ def test_an_entry_holding_another_key_is_not_used(tmp_path, toy_root, caplog):
 
 def test_a_disk_hit_counts_as_reused(tmp_path, toy_root):
     grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
-    first = run_grid(grid, progress=False)
-    cold = pd.read_csv(first.output / "results.csv").set_index("image_clusterer")
-    assert cold.features_reused.to_dict() == {"none": False, "km3": True}  # computed for the first cell
+    first = run(grid)
+    cold = {r["image_clusterer"]: r for r in rows(first.output).values()}
+    assert {k: r["features_reused"] for k, r in cold.items()} == {
+        "none": False,
+        "km3": True,
+    }  # computed first
     shutil.rmtree(first.output)
-    run_grid(grid, progress=False)
-    warm = pd.read_csv(first.output / "results.csv").set_index("image_clusterer")
-    assert warm.features_reused.to_dict() == {"none": True, "km3": True}  # from the disk cache
-    assert warm.miou.to_dict() == cold.miou.to_dict()
+    run(grid)
+    warm = {r["image_clusterer"]: r for r in rows(first.output).values()}
+    assert {k: r["features_reused"] for k, r in warm.items()} == {"none": True, "km3": True}  # the disk cache
+    assert {k: r["miou"] for k, r in warm.items()} == {k: r["miou"] for k, r in cold.items()}
 
 
 class FailsOnSeed(ImageClusterer):
@@ -257,7 +269,7 @@ def test_orphaned_temp_files_are_cleaned_but_a_live_writers_are_kept(tmp_path, t
     live = grid.output / "cells" / f".y.json.{atomic._HOST}.{os.getpid()}.abcd.tmp"
     for path in (*orphans, live):
         path.write_bytes(b"")
-    run_grid(grid, progress=False)
+    run(grid)
     assert not any(p.exists() for p in orphans) and live.exists()
     assert clean_orphans(grid.output) == []
 
