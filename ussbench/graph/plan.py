@@ -8,7 +8,6 @@ the backbone, so other data under the same names never resumes a finished cell.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from .stages import (
     LearnedStage,
     SegmentsStage,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
