@@ -311,3 +311,34 @@ def test_default_baseline_prefers_a_label_match_over_a_plugin_name_match(tmp_pat
     md = (grid.output / "leaderboard.md").read_text()
     assert _cells(md, "kmeans")[_column(md, "Δ mIoU vs baseline")] == "baseline"
     assert "2 rows match the baseline rule; used: none + kmeans" in md
+
+
+def test_a_grid_run_stores_per_image_counts_pickle_free(tmp_path, toy_root):
+    """Through the stage graph: each cell's .npz holds its per-image counts (summing to the record's confusion)
+    and the image ids; the report's per_image_counts.npz holds every cell; both load with allow_pickle=False."""
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.evaluation.per_image import CELL_IDS_KEY, CELL_KEY
+    from ussbench.evaluation.statistics import CellCounts
+    from ussbench.runner import run_grid
+
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    run_grid(grid, progress=False)
+    records = sorted((grid.output / "cells").glob("*.json"))
+    assert len(records) == 2
+    ids = None
+    for path in records:
+        record = read_json(path)
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
+            rows, ids = data[CELL_KEY], [str(x) for x in data[CELL_IDS_KEY]]
+        confusion = np.asarray(record["confusion"])
+        counts = CellCounts(rows, len(ids), *confusion.shape)
+        assert np.array_equal(counts.total(), confusion) and rows[:, 3].min() > 0
+        assert len(ids) == record["row"]["n_images"] == len(set(ids))
+    store = read_store(grid.output / STORE_NAME)
+    assert set(store) == {read_json(p)["row"]["cell_id"] for p in records}
+    assert all(cell.image_ids == ids for cell in store.values())
+    with np.load(grid.output / STORE_NAME, allow_pickle=False) as data:
+        assert all(data[name].dtype != object for name in data.files)
+    md = (grid.output / "leaderboard.md").read_text()
+    assert "Intervals: unavailable" not in md and "bootstrap over images" in md

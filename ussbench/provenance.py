@@ -123,8 +123,10 @@ def read_run(output: Path) -> dict[str, Any]:
 
 
 def start_run(output: Path, grid: Any, environment: dict[str, Any], n_cells: int,
-              argv: list[str] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
+              argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
     """Append this run to ``output/run.json``; returns (the environment rows record, the entry's index).
+
+    ``extra``: more facts of the run for its entry and the top level (e.g. the executor's name).
 
     The top-level keys (grid, grid_file, environment, started, n_cells) describe the latest run, as before.
     """
@@ -142,25 +144,28 @@ def start_run(output: Path, grid: Any, environment: dict[str, Any], n_cells: int
         "seeds": list(grid.seeds),
         "n_cells": n_cells,
         "environment": env,
+        **(extra or {}),
     }
     with _locked(output):
         run = read_run(output)
         history = run.get("history", [])
         history.append(entry)
         run.update(grid=grid.raw, grid_file=str(grid.path), environment=env, started=entry["started"],
-                   n_cells=n_cells, history=history)  # fmt: skip
+                   n_cells=n_cells, history=history, **(extra or {}))  # fmt: skip
         atomic_write_json(Path(output) / RUN_FILE, run)
     return env, len(history) - 1
 
 
-def finish_run(output: Path, index: int, n_run: int, n_resumed: int, seconds: float) -> None:
-    """Close this run's entry: end time, cells run and resumed, seconds."""
+def finish_run(
+    output: Path, index: int, n_run: int, n_resumed: int, seconds: float, n_failed: int = 0
+) -> None:
+    """Close this run's entry: end time, cells run, resumed and failed, seconds."""
     with _locked(output):
         run = read_run(output)
         history = run.get("history", [])
         if 0 <= index < len(history):
             history[index].update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), n_run=n_run, n_resumed=n_resumed,
-                                  seconds=round(seconds, 2))  # fmt: skip
+                                  n_failed=n_failed, seconds=round(seconds, 2))  # fmt: skip
             atomic_write_json(Path(output) / RUN_FILE, run)
 
 
@@ -174,7 +179,9 @@ def environment_signature(env: dict[str, Any]) -> tuple[str, str]:
         f"{k} {versions[k]}" for k in ("torch", "numpy", "faiss-cpu", "scikit-learn") if k in versions
     )
     machine_info_ = env.get("machine") or {}
-    cpu = machine_info_.get("cpu_model") or env.get("gpu") or env.get("processor", "?")
+    cpu = (
+        machine_info_.get("cpu_model") or env.get("cpu_model") or env.get("gpu") or env.get("processor", "?")
+    )
     cores = machine_info_.get("cores") or env.get("cpu_count", "?")
     threads = (machine_info_.get("threads") or {}).get("torch")
     machine = f"{cpu} ({cores} cores" + (f", torch threads {threads}" if threads else "") + ")"

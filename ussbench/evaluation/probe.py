@@ -12,21 +12,23 @@ own labels (no cluster matching): mIoU and accuracy.
 
 STEGO's linear probe is a 1x1 convolution (a linear map per patch) trained with cross-entropy on bilinearly
 upsampled logits against every pixel; training on patch-resolution majority labels instead keeps this to
-seconds on a CPU. It is computed once per representation key (memoised in-process and cached on disk) and
-copied into every row that uses the representation.
+seconds on a CPU. It is one node of the stage graph per representation key (:func:`probe_node`; memoised
+and cached on disk by the executor) whose entries are copied into every row that uses the representation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..cache import Cache, stable_hash
+from ..cache import stable_hash
+from ..config import StageEntry
+from ..graph.nodes import Inputs, Resources, Stage
 from .metrics import ConfusionMatrix, score
 
 PROBE_VERSION = "1"
@@ -125,7 +127,7 @@ def _fit_ridge(
 def linear_probe(features: list[torch.Tensor], labels: list[np.ndarray], n_classes: int,
                  settings: ProbeSettings | None = None) -> ProbeResult:  # fmt: skip
     """k-fold linear probe of dense features (one (h, w, D) map per image) against (H, W) labels (-1 = ignore)."""
-    from ..pipeline import upsample_nearest
+    from ..graph.evaluation import upsample_nearest
 
     settings = settings or ProbeSettings()
     if settings.classifier not in ("ridge", "logistic"):
@@ -182,30 +184,60 @@ def linear_probe(features: list[torch.Tensor], labels: list[np.ndarray], n_class
                        n_train // folds, time.perf_counter() - start)  # fmt: skip
 
 
-def probe_row(features: Any, labels: list[np.ndarray], n_classes: int, upstream_key: str, cache: Cache,
-              memo: dict[str, dict[str, Any]], settings: ProbeSettings | None = None) -> dict[str, Any]:  # fmt: skip
-    """The probe's row entries for a representation, computed once per key (in-process memo, then disk cache).
-
-    ``features``: the cell's FeatureSet (its learner's ``code`` when it has one, else the backbone tokens).
-    The time is reported at first computation, like every shared stage.
-    """
-    settings = settings or ProbeSettings()
+def probe_entries(features: Any, labels: list[np.ndarray], n_classes: int,
+                  settings: ProbeSettings | None = None) -> dict[str, Any]:  # fmt: skip
+    """The probe's row entries for a FeatureSet (its learner's ``code`` when it has one, else the backbone
+    tokens); {} when k-fold is impossible (one image, too little labelled data): never a failed cell."""
     if len(features) < 2:  # k-fold needs two images; a one-image run reports no probe
         return {}
     feature = "code" if features.has_code else "tokens"
-    key = stable_hash(
-        {"up": upstream_key, "feature": feature, "probe": settings.__dict__, "version": PROBE_VERSION}
-    )
-    if key not in memo:
-        hit = cache.load("probe", key)
-        if hit is None:
-            try:
-                hit = linear_probe([im.dense(feature) for im in features], labels, n_classes, settings).row(
-                    feature
-                )
-            except ValueError as exc:  # too little labelled data for k folds: no probe, never a failed cell
-                log.warning("linear probe skipped: %s", exc)
-                hit = {}
-            cache.save("probe", key, hit)
-        memo[key] = hit
-    return dict(memo[key])
+    try:
+        dense = [im.dense(feature) for im in features]
+        return linear_probe(dense, labels, n_classes, settings or ProbeSettings()).row(feature)
+    except ValueError as exc:
+        log.warning("linear probe skipped: %s", exc)
+        return {}
+
+
+@dataclass
+class ProbeStage(Stage):
+    """The graph node of a representation's linear probe: one per features / learned-codes key, shared by
+    every cell of that representation (memoised and cached on disk by the executor like any stage)."""
+
+    dataset: StageEntry
+    learner: str | None = None  # the learner's label when the features carry its codes
+    settings: ProbeSettings = field(default_factory=ProbeSettings)
+    resources: Resources = field(default_factory=Resources)
+    kind: ClassVar[str] = "probe"
+    cache_stage: ClassVar[str | None] = "probe"
+
+    def compute(self, inputs: Inputs, rt: Any) -> dict[str, Any]:
+        from ..graph.stages import coded
+
+        features = coded(inputs["features"], inputs.get("learned"), self.learner or "")
+        return probe_entries(features, inputs["labels"], rt.dataset(self.dataset).num_classes, self.settings)
+
+    def describe(self) -> str:
+        return f"linear probe of {self.dataset.label}" + (
+            f" x {self.learner} codes" if self.learner else " tokens"
+        )
+
+
+def probe_node(graph: Any, protocol: dict[str, Any], dataset: StageEntry, features: Any, learned: Any,
+               labels: Any, learner: str | None, resources: Resources) -> Any | None:  # fmt: skip
+    """Add the probe of a cell's representation to the stage graph (None when ``protocol.linear_probe`` is off).
+
+    Its key: the representation's node key (features, or the learner's codes), the labels' key, the probe's
+    settings and version, so every cell of one representation shares one probe.
+    """
+    if not protocol.get("linear_probe", True):
+        return None
+    from ..graph.nodes import Node
+
+    settings = ProbeSettings()
+    upstream = learned if learned is not None else features
+    key = stable_hash({"probe": upstream.key, "labels": labels.key, "settings": settings.__dict__,
+                       "version": PROBE_VERSION})  # fmt: skip
+    inputs = {"features": features, "labels": labels, **({"learned": learned} if learned is not None else {})}
+    return graph.add(Node(key, ProbeStage(dataset, learner if learned is not None else None, settings, resources),
+                          inputs))  # fmt: skip

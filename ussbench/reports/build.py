@@ -25,6 +25,7 @@ from .comparisons import (
     row_cells,
     row_label,
 )
+from .failed import failures_html, failures_markdown
 from .index import build_index
 from .panels import draw_panels
 from .paper import paper_columns
@@ -88,8 +89,12 @@ def build_report(
     written["index"] = output.parent / "index.html" if index_root else None  # the page links to it
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
                     _per_class(cells, board), written)  # fmt: skip
-    written["markdown"] = atomic_write_text(output / "leaderboard.md", _markdown(report))
-    written["html"] = atomic_write_text(output / "leaderboard.html", page.render(report, FIGURES))
+    md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
+    written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
+    html = page.render(report, FIGURES).replace(
+        "</body></html>", failures_html(output, cell_ids) + "</body></html>"
+    )
+    written["html"] = atomic_write_text(output / "leaderboard.html", html)
     if index_root:
         build_index(output.parent)
     return {k: v for k, v in written.items() if v is not None}
@@ -271,9 +276,8 @@ def _level_panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame
 def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame) -> Path | None:
     """Figure 3 of the OMH paper (affinity sim+ beside the OT plan, finest level pair) for the best-ranked
     configuration whose learner kept an OMH hierarchy of two or more levels (first seed's saved artifacts)."""
-    import torch
-
     from ..feature_learners.omh import plot_hierarchy
+    from ..graph.records import load_artifacts
 
     for _, cfg in board.iterrows():
         if cfg["feature_learner"] == "none":  # no learner, no hierarchy: skip loading its artifacts
@@ -283,7 +287,7 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
         path = output / "cells" / f"{first['row']['cell_id']}.artifacts.pt"
         if not path.is_file():
             continue
-        info = (torch.load(path, weights_only=False).get("feature_learner") or {}).get("omh") or {}
+        info = ((load_artifacts(path) or {}).get("feature_learner") or {}).get("omh") or {}
         if not info.get("plans"):
             continue
         title = (f"{cfg['feature_learner']} on {cfg['dataset']}: plans of seed {first['row']['seed']} "
