@@ -74,6 +74,9 @@ def test_committed_folder_rebuilds_the_same_statistics_without_cells(report, tmp
     for line_a, line_b in zip(leaderboard_rows(before)[1:], leaderboard_rows(after)[1:]):
         a, b = line_a.strip("|").split("|"), line_b.strip("|").split("|")
         assert [a[i] for i in strip] == [b[i] for i in strip]
+    assert main(["report", str(report)]) == 0  # the command the lead runs on a committed folder
+    md = (report / "leaderboard.md").read_text()
+    assert "Statistics: bootstrap over images (1000 replicates" in md and "Intervals: unavailable" not in md
 
 
 def test_cells_without_per_image_counts_still_report_with_intervals_unavailable(tmp_path):

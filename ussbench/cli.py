@@ -183,10 +183,12 @@ def cmd_report(output: str, name: str | None) -> int:
     out = Path(output)
     if not out.is_dir():
         raise ConfigError(f"report folder {output!r} does not exist")
-    if not any((out / "cells").glob("*.json")):
+    if (
+        not any((out / "cells").glob("*.json")) and not (out / "results.parquet").is_file()
+    ):  # committed: parquet
         raise ConfigError(
-            f"{output!r} holds no finished cells ({out / 'cells'}/*.json): not a grid output folder, or no "
-            "cell has finished yet (run the grid first)"
+            f"{output!r} holds no finished cells ({out / 'cells'}/*.json) and no results.parquet: not a grid output "
+            "folder, or no cell has finished yet (run the grid first)"
         )
     paths = build_report(out, grid_name=name or out.resolve().name)
     print(f"report written: {paths['markdown']}")

@@ -24,7 +24,7 @@ DEFAULT_PROTOCOL = {"name": "default", "matching": "auto", "objective": "pixels"
 
 def load_report_cells(output: Path, cell_ids: set[str] | None = None) -> tuple[list[dict[str, Any]], bool]:
     """(cell records, whether they came from ``cells/``). Falls back to ``results.parquet`` without cells."""
-    from ..runner import load_cells
+    from ..graph.records import load_cells
 
     output = Path(output)
     cells = load_cells(output)
