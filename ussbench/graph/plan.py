@@ -166,6 +166,13 @@ class Planner:
             sink_inputs["learned"] = learned
         if flipped is not None:
             sink_inputs["flipped"] = flipped
+        from ..evaluation.probe import probe_node  # the representation's linear probe (issue 12), one per key
+
+        probe = probe_node(
+            graph, rt.protocol, ds_entry, features, learned, labels, learner_entry.label, self.light
+        )
+        if probe is not None:
+            sink_inputs["probe"] = probe
         return Node(cid, CellStage(cell), sink_inputs, cell=cell)
 
 

@@ -282,6 +282,7 @@ class CellStage(Stage):
         row["time_eval_s"] = seconds["evaluation"]
         row.update(inputs["covering"])
         row["time_nfcov_s"] = seconds["covering"]
+        row.update(inputs.get("probe") or {})  # linear probe of the representation (evaluation/probe.py)
         row.update(n_clusters=assignment["n_pred"], n_segments=assignment["n_segments"],
                    n_images=len(segments["segments"]))  # fmt: skip
         row.update(row_machine_facts())
