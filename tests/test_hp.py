@@ -25,6 +25,8 @@ from ussbench.feature_learners.hp import (
     ramp,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
+
 
 def _pairs_setup():
     """4 patches in 2 views of 2; features and codes pair (0,1) and (2,3); one reference vector (0.6, 0.8)."""

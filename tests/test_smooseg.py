@@ -13,6 +13,8 @@ from ussbench.errors import ConfigError
 from ussbench.feature_learners._heads import ProjectionHead, ema_update
 from ussbench.feature_learners.smooseg import SmooSeg, smooseg_loss, smooth_term
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
+
 
 def _points(*vectors):
     return torch.tensor(vectors, dtype=torch.float32).t()[None, :, None, :]

@@ -25,6 +25,7 @@ from .config import StageEntry
 from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
+from .feature_learners import records as learner_records
 from .image_clusterers._common import pick_feature
 
 STAGE_ORDER = (
@@ -234,6 +235,7 @@ class CellRunner:
                 learner.fit(features, ctx)
                 out = learner.transform(features, ctx)
                 stored = {"codes": [im.code for im in out], "artifacts": learner.artifacts()}
+                stored["artifacts"]["checkpoints"] = learner_records.checkpoint_scores(learner, features, self.labels(dataset, feat_key), ctx, self.protocol["matching"], self.protocol["objective"])  # fmt: skip
                 if need_flip:
                     fctx = StageContext(self.device, seed, flip_dataset, backbone, num_classes, self.progress)
                     stored["flipped_codes"] = [im.code for im in learner.transform(flipped, fctx)]
@@ -247,6 +249,7 @@ class CellRunner:
             if need_flip:
                 flipped = flipped.with_code(stored["flipped_codes"], learner=learner_entry.label)
             artifacts["feature_learner"] = stored["artifacts"]
+            row.update(learner_records.learner_row(features, stored["artifacts"]))  # code health, collapse
             upstream = lkey
 
         # image-level clusterer
@@ -367,6 +370,8 @@ class CellRunner:
             "backbone_report_name": backbone.report_name or backbone.plugin_name,
             "dataset_description": dataset.description,
         }  # fmt: skip
+        if not learner_entry.skipped:  # every learner parameter and the values it calibrated
+            extras["params"]["feature_learner"] = learner_records.learner_record(learner_entry, learner, artifacts["feature_learner"])  # fmt: skip
         return row, extras
 
     def _protocol_crf(

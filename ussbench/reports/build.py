@@ -15,7 +15,7 @@ import pandas as pd
 from .. import registry
 from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
-from . import figures
+from . import figures, learning_curves
 from .panels import draw_panels
 from .tables import STAGE_COLUMNS, leaderboard_display, leaderboard_frame, markdown_table, results_frame
 
@@ -70,7 +70,9 @@ def build_report(
     run = json.loads((output / "run.json").read_text()) if (output / "run.json").is_file() else {}
     refs = _published(cells)
     per_class = _per_class(cells, board)
-    md = _markdown(grid_name, run, cells, board, refs, per_class, written)
+    md = _markdown(grid_name, run, cells, board, refs, per_class, written) + learning_curves.section(
+        output, cells
+    )
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
     written["html"] = atomic_write_text(
         output / "leaderboard.html", _html(grid_name, run, cells, board, refs, per_class, written)

@@ -1,0 +1,98 @@
+"""What a grid cell records about its feature learner: parameters, calibrated values, code health, curve scores.
+
+Called by the pipeline (one line each): :func:`learner_record` for ``results.parquet``'s parameters,
+:func:`learner_row` for the row's health fields (the leaderboard's code effective rank and collapse flag),
+and :func:`checkpoint_scores`, which scores the learner's kept snapshots for the report's learning curves.
+The scores use labels and are evaluation only: nothing the learner returns depends on them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..base import FeatureSet, StageContext
+from . import health
+
+CHECKPOINT_FIT_PATCHES = 50_000  # k-means of a checkpoint is fitted on at most this many sampled patches
+
+
+def learner_record(entry: Any, learner: Any, artifacts: dict[str, Any]) -> dict[str, Any]:
+    """Every constructor parameter of the learner (preset name included) and the values it calibrated."""
+    return {
+        "name": entry.name,
+        "preset": entry.preset,
+        "params": learner.get_params(),
+        "calibrated": artifacts.get("calibrated", {}),
+    }
+
+
+def learner_row(features: FeatureSet, artifacts: dict[str, Any]) -> dict[str, Any]:
+    """Row fields of a learned code: effective rank, mean cosine, assignment entropy, collapse flag, steps.
+
+    Rank and cosine are measured on the final codes of the fixed health probe (the same patches as the
+    learning curve), the input rank on the tokens of those patches; the assignment entropy is the learner's
+    own (prototype learners only).
+    """
+    index = health.probe_indices([im.grid for im in features])
+    codes = health.gather_probe([im.code for im in features], index)
+    tokens = health.gather_probe([im.tokens for im in features], index)
+    rank, input_rank = health.effective_rank(codes), health.effective_rank(tokens)
+    final = (artifacts.get("health") or {}).get("final") or {}
+    return {
+        "code_effective_rank": rank,
+        "code_mean_cosine": health.mean_cosine(codes),
+        "code_assignment_entropy": float(final.get("assignment_entropy", math.nan)),
+        "input_effective_rank": input_rank,
+        "code_collapsed": health.is_collapsed(rank, input_rank, int(codes.shape[1])),
+        "learner_steps": int((artifacts.get("health") or {}).get("steps", -1)),
+    }
+
+
+def checkpoint_scores(
+    learner: Any,
+    features: FeatureSet,
+    labels: list[np.ndarray],
+    ctx: StageContext,
+    matching: str = "auto",
+    objective: str = "pixels",
+) -> dict[str, list[float]]:
+    """mIoU and pixel accuracy (%) of every kept snapshot of a head learner (empty without snapshots).
+
+    A cheap, fixed evaluation so the curve's points compare with each other: per-patch codes L2-normalised,
+    k-means (faiss, one seeded init) fitted on at most CHECKPOINT_FIT_PATCHES sampled patches, every patch
+    labelled, labels upsampled nearest to the label maps, one Hungarian match over all pixels. Its last point
+    is near, not equal to, the cell's own score (which clusters every patch with the grid's clusterer).
+    """
+    from .. import registry
+    from ..evaluation.metrics import ConfusionMatrix, evaluate_counts
+    from ..pipeline import upsample_nearest
+
+    snapshots = getattr(learner, "snapshots_", None) or []
+    out: dict[str, list[float]] = {"step": [], "miou": [], "pixel_accuracy": []}
+    k = int(ctx.num_classes)
+    for i, (step, _) in enumerate(snapshots):
+        maps = [im.code for im in learner.transform_at(i, features, ctx)]
+        x = F.normalize(torch.cat([m.reshape(-1, m.shape[-1]).float() for m in maps]), dim=1)
+        g = torch.Generator().manual_seed(int(ctx.seed))
+        fit_rows = x[torch.randperm(len(x), generator=g)[:CHECKPOINT_FIT_PATCHES]]
+        kmeans = registry.instantiate(
+            registry.get("dataset_clusterer", "kmeans"),
+            {"n_clusters": k, "seed": int(ctx.seed), "n_init": 1, "device": str(ctx.device)},
+        )
+        assigned = kmeans.fit(fit_rows).predict(x).long().cpu().numpy()
+        conf = ConfusionMatrix(k, k)
+        offset = 0
+        for m, y in zip(maps, labels):
+            h, w = m.shape[:2]
+            conf.update(upsample_nearest(assigned[offset : offset + h * w].reshape(h, w), y.shape), y)
+            offset += h * w
+        scores = evaluate_counts(conf.counts, matching, objective)
+        out["step"].append(float(step))
+        out["miou"].append(scores.miou * 100.0)
+        out["pixel_accuracy"].append(scores.pixel_accuracy * 100.0)
+    return out if out["step"] else {}
