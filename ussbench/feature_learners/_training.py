@@ -297,8 +297,9 @@ class Curve:
 class HeadLearner(FeatureLearner, abc.ABC):
     """Template for learners that train heads on cached features: fit = seeded loop, transform = encode.
 
-    Subclasses implement ``_setup`` (modules and optimisers), ``_loss`` (one step's base loss, the code
-    map OMH clusters, and named parts for the log) and ``_encode`` (test-time code); optional hooks
+    Subclasses implement ``_setup`` (modules and optimisers), ``_draw`` (gather the next batch from the
+    bank), ``_loss_on`` (a batch's base loss, the code map OMH clusters, and named parts for the log) and
+    ``_encode`` (test-time code); optional hooks
     ``_calibrate`` (settings left at 'auto', measured on the features before training), ``_before_step``
     (gradient clipping), ``_after_step`` (EMA updates) and ``_prototypes`` (for the assignment entropy).
     With ``omh=True`` the OMH heads are trained beside the method's own modules and discarded at test time.
@@ -327,8 +328,30 @@ class HeadLearner(FeatureLearner, abc.ABC):
         """Build modules on ``bank.device`` (and extra per-patch maps in ``bank.extras``); return optimisers."""
 
     @abc.abstractmethod
-    def _loss(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One batch: (base loss, code map (B, D, h, w) for OMH, named loss parts)."""
+    def _draw(self, step: int) -> Any:
+        """The next training batch, gathered from the bank (everything the loss reads that is not a module)."""
+
+    @abc.abstractmethod
+    def _loss_on(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The base loss of a drawn batch: (base loss, code map (B, D, h, w) for OMH, named loss parts)."""
+
+    def train_step(self, batch: Any, step: int, optimisers: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """One optimisation step on a drawn batch (base loss + OMH terms, backward, clip, optimisers, EMA)."""
+        for opt in optimisers:
+            opt.zero_grad(set_to_none=True)
+        base, code, parts = self._loss_on(batch, step)
+        loss = base
+        values = {"loss": loss, "base": base, **parts}
+        if self.omh_heads_ is not None:
+            cluster, match = self.omh_heads_.losses(code, with_match=self.omh_match)
+            loss = base + self.omh_sparsity * cluster + self.omh_structure * match
+            values.update(loss=loss, omh_cluster=cluster, omh_match=match)
+        loss.backward()
+        self._before_step()
+        for opt in optimisers:
+            opt.step()
+        self._after_step(step)
+        return values
 
     @abc.abstractmethod
     def _encode(self, feats: torch.Tensor) -> torch.Tensor:
@@ -375,13 +398,14 @@ class HeadLearner(FeatureLearner, abc.ABC):
             self.snapshots_: list[tuple[int, dict[str, Any]]] = []
             self.loss_log_, self.curve_ = self._train(optimisers, ctx.progress)
         del self.bank_, self.probe_  # the padded copy of the features is not needed after training
-        self.collapsed_ = health.is_collapsed(self.curve_.last("effective_rank"), self.input_rank_, self.dim)
+        initial = self.curve_.points["effective_rank"][0]
+        self.collapsed_ = health.is_collapsed(self.curve_.last("effective_rank"), initial)
         if self.collapsed_:
             log.warning(
-                "%s: codes collapsed (effective rank %.1f of %d dimensions, input tokens %.1f, mean cosine %.2f)"
-                "; its scores measure a collapsed code",
-                self.plugin_name or self.display, self.curve_.last("effective_rank"), self.dim,
-                self.input_rank_, self.curve_.last("mean_cosine"),
+                "%s: codes collapsed (effective rank %.1f after %d steps, %.1f untrained, %d dimensions; mean "
+                "cosine %.2f); its scores measure a collapsed code",
+                self.plugin_name or self.display, self.curve_.last("effective_rank"), self.n_steps_, initial,
+                self.dim, self.curve_.last("mean_cosine"),
             )  # fmt: skip
         return self
 
@@ -426,20 +450,7 @@ class HeadLearner(FeatureLearner, abc.ABC):
             self.snapshots_.append((0, self._capture()))
         bar = tqdm(range(self.n_steps_), desc=f"fit {self.plugin_name or self.display}", disable=not progress)
         for step in bar:
-            for opt in optimisers:
-                opt.zero_grad(set_to_none=True)
-            base, code, parts = self._loss(step)
-            loss = base
-            values = {"loss": loss, "base": base, **parts}
-            if self.omh_heads_ is not None:
-                cluster, match = self.omh_heads_.losses(code, with_match=self.omh_match)
-                loss = base + self.omh_sparsity * cluster + self.omh_structure * match
-                values.update(loss=loss, omh_cluster=cluster, omh_match=match)
-            loss.backward()
-            self._before_step()
-            for opt in optimisers:
-                opt.step()
-            self._after_step(step)
+            values = self.train_step(self._draw(step), step, optimisers)
             log_.append(values)
             window.append(values)
             done = step + 1
@@ -483,6 +494,7 @@ class HeadLearner(FeatureLearner, abc.ABC):
             "calibrated": dict(self.resolved_),
             "health": {
                 "input_effective_rank": self.input_rank_,
+                "initial_effective_rank": self.curve_.points["effective_rank"][0],
                 "final": {k: v[-1] for k, v in self.curve_.points.items() if k in health.HEALTH_KEYS},
                 "collapsed": bool(self.collapsed_),
                 "steps": int(self.n_steps_),

@@ -309,13 +309,16 @@ class HP(HeadLearner):
         ]
 
     # -- one step -------------------------------------------------------------------------------------
-    def _loss(self, step: int):
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature windows (B, C, c, c) and their 3x3 local-attention weights; renews the task-specific pool."""
         if step > 0 and step % self.renew_interval == 0:
             self._renew_pool_sp()
-        bank, gen = self.bank_, self.generator_
-        windows = bank.windows(self.sampler_.next(), gen)
-        feats = channels_first(bank.gather("tokens", *windows))
-        local = bank.gather("local", *windows)
+        bank = self.bank_
+        windows = bank.windows(self.sampler_.next(), self.generator_)
+        return channels_first(bank.gather("tokens", *windows)), bank.gather("local", *windows)
+
+    def _loss_on(self, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+        feats, local = batch
         drop = self.head_.drop
         code = self.head_(feats)
         with torch.no_grad():
@@ -325,8 +328,9 @@ class HP(HeadLearner):
         z_mix = F.normalize(self.proj_(channels_last_flat(drop(lhp(code, local)))), dim=1)
         lam = ramp(step, self.warmup, self.n_steps_)
         loss, parts = hp_loss(
-            z, z_mix, f, s_ema, self.pool_ag_, self.pool_sp_, lam, self.tau, self.rho, bank.crop**2,
-            self.reweight, max_elements=(1 << 26) if bank.device.type == "cuda" else (1 << 22),
+            z, z_mix, f, s_ema, self.pool_ag_, self.pool_sp_, lam, self.tau, self.rho,
+            feats.shape[-2] * feats.shape[-1], self.reweight,
+            max_elements=(1 << 26) if feats.device.type == "cuda" else (1 << 22),
         )  # fmt: skip
         return loss, code, parts
 

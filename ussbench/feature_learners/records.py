@@ -36,20 +36,23 @@ def learner_row(features: FeatureSet, artifacts: dict[str, Any]) -> dict[str, An
 
     Rank and cosine are measured on the final codes of the fixed health probe (the same patches as the
     learning curve), the input rank on the tokens of those patches; the assignment entropy is the learner's
-    own (prototype learners only).
+    own (prototype learners only); the collapse rule is :func:`.health.is_collapsed` against the untrained
+    head's rank (learners with a curve) or min(input rank, code dimension).
     """
     index = health.probe_indices([im.grid for im in features])
     codes = health.gather_probe([im.code for im in features], index)
     tokens = health.gather_probe([im.tokens for im in features], index)
     rank, input_rank = health.effective_rank(codes), health.effective_rank(tokens)
-    final = (artifacts.get("health") or {}).get("final") or {}
+    learned = artifacts.get("health") or {}
+    final = learned.get("final") or {}
+    reference = health.reference_rank(learned.get("initial_effective_rank"), input_rank, int(codes.shape[1]))
     return {
         "code_effective_rank": rank,
         "code_mean_cosine": health.mean_cosine(codes),
         "code_assignment_entropy": float(final.get("assignment_entropy", math.nan)),
         "input_effective_rank": input_rank,
-        "code_collapsed": health.is_collapsed(rank, input_rank, int(codes.shape[1])),
-        "learner_steps": int((artifacts.get("health") or {}).get("steps", -1)),
+        "code_collapsed": health.is_collapsed(rank, reference),
+        "learner_steps": int(learned.get("steps", -1)),
     }
 
 

@@ -156,6 +156,7 @@ class SmooSeg(HeadLearner):
         self.head_ = ProjectionHead(bank.channels, self.dim, "silu", self.dropout).to(device).train()
         self.prototypes_ = CosinePrototypes(n_classes, self.dim, "xavier").to(device)
         self.teacher_ = self.prototypes_.weight.detach().clone()
+        self.teacher_init_ = self.teacher_.clone()
         return [
             torch.optim.Adam(
                 [{"params": self.head_.parameters(), "lr": self.lr},
@@ -193,8 +194,10 @@ class SmooSeg(HeadLearner):
         )
         return resolved
 
-    def _loss(self, step: int):
-        feats = self._batch(self.sampler_.next(), self.generator_)
+    def _draw(self, step: int) -> torch.Tensor:
+        return self._batch(self.sampler_.next(), self.generator_)
+
+    def _loss_on(self, feats: torch.Tensor, step: int):
         z = self.head_(feats)
         loss, parts = smooseg_loss(
             self.head_.drop(feats), z, self.prototypes_.weight, self.teacher_,
@@ -218,6 +221,8 @@ class SmooSeg(HeadLearner):
         out = super().artifacts()
         if hasattr(self, "teacher_"):
             out["prototypes"] = F.normalize(self.teacher_, dim=1).cpu()
+            # how far the teacher left its random initialisation: mean cosine of each prototype to its start
+            out["teacher_cosine_to_init"] = float(F.cosine_similarity(self.teacher_, self.teacher_init_).mean())
         return out
 
 

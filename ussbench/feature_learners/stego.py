@@ -216,8 +216,11 @@ class STEGO(HeadLearner):
             resolved.setdefault(f"shift_{pair}", 0.0)  # no random pairs (batch of 1): the term is unused
         return resolved
 
-    def _loss(self, step: int):
-        feats, feats_pos = self._batch(self.sampler_.next(), self.generator_)
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(self.sampler_.next(), self.generator_)
+
+    def _loss_on(self, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+        feats, feats_pos = batch
         code, code_pos = self.head_(feats), self.head_(feats_pos)
         drop = self.head_.drop  # the reference correlates dropped-out features too
         loss, parts = stego_loss(

@@ -189,7 +189,7 @@ def section(output: Path, cells: list[dict[str, Any]]) -> str:
              "Label-free health of each learner's final codes on a fixed probe of 4,096 patches: effective rank "
              "(exp of the entropy of the normalised singular values of the L2-normalised codes; 1 = every patch "
              "the same direction) beside the input tokens' rank on the same patches. A seed counts as collapsed "
-             "when the rank is below 3 or below a tenth of min(input rank, code dimension). 'settings used' are "
+             "when training took the rank below 30% of the untrained head's (or below 3). 'settings used' are "
              "the values the learner trained with: calibrated from the features where the row left them at "
              "'auto', else as given.", "",
              markdown_table(table), ""]  # fmt: skip
