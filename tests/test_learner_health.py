@@ -53,7 +53,9 @@ def test_collapse_rule():
     assert not health.is_collapsed(31.0, reference=43.0)  # a calibrated STEGO run on MSRC
     assert health.is_collapsed(8.0, reference=43.0)  # STEGO with DINO v1 shifts on MSRC
     assert health.reference_rank(43.0, 196.0, 70) == 43.0
-    assert health.reference_rank(None, 196.0, 70) == 70.0 and health.reference_rank(math.nan, 20.0, 70) == 20.0
+    assert (
+        health.reference_rank(None, 196.0, 70) == 70.0 and health.reference_rank(math.nan, 20.0, 70) == 20.0
+    )
 
 
 def test_probe_indices_are_valid_seeded_and_cover_small_sets():
@@ -160,7 +162,10 @@ def test_pulling_every_pair_collapses_the_codes_and_is_flagged(caplog):
     assert pulled.curve_.last("mean_cosine") > healthy.curve_.last("mean_cosine") + 0.2
     assert not healthy.artifacts()["health"]["collapsed"]
     row = learner_row(pulled.transform(fs, ctx), pulled.artifacts())
-    assert row["code_collapsed"] and row["code_effective_rank"] < health.COLLAPSE_FRACTION * art["initial_effective_rank"]
+    assert (
+        row["code_collapsed"]
+        and row["code_effective_rank"] < health.COLLAPSE_FRACTION * art["initial_effective_rank"]
+    )
 
 
 def test_curve_points_and_snapshots():

@@ -222,7 +222,9 @@ class SmooSeg(HeadLearner):
         if hasattr(self, "teacher_"):
             out["prototypes"] = F.normalize(self.teacher_, dim=1).cpu()
             # how far the teacher left its random initialisation: mean cosine of each prototype to its start
-            out["teacher_cosine_to_init"] = float(F.cosine_similarity(self.teacher_, self.teacher_init_).mean())
+            out["teacher_cosine_to_init"] = float(
+                F.cosine_similarity(self.teacher_, self.teacher_init_).mean()
+            )
         return out
 
 
