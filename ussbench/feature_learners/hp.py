@@ -143,6 +143,7 @@ def hp_loss(
     zm_leaf = z_mix.detach().requires_grad_(True)
     group = max(1, max_elements // (view_size * n))
     total, total_mix = z.new_zeros(()), z.new_zeros(())
+    positives, same_view = z.new_zeros(()), z.new_zeros(())  # task-agnostic positives, those in the own view
     for g0 in range(0, n_views, group):
         g1 = min(n_views, g0 + group)
         rows = torch.arange(g0 * view_size, g1 * view_size, device=z.device).reshape(g1 - g0, view_size)
@@ -152,6 +153,11 @@ def hp_loss(
             # i~j when cos > min(thr_i, thr_j), i.e. above the threshold of i or of j; never i~i
             p_ag = (f[rows] @ f.t()) > torch.minimum(thr_ag[rows][..., None], thr_ag)
             p_ag.view(-1, n)[idx, flat] = False
+            positives += p_ag.sum()
+            own = p_ag.reshape(g1 - g0, view_size, n_views, view_size)[
+                torch.arange(g1 - g0), :, torch.arange(g0, g1)
+            ]
+            same_view += own.sum()
             weights = p_ag.float()
             if lam > 0:  # task-specific positives only count once the ramp has started
                 p_sp = (s_ema[rows] @ s_ema.t()) > torch.minimum(thr_sp[rows][..., None], thr_sp)
@@ -171,7 +177,15 @@ def hp_loss(
     value = total + total_mix
     surrogate = (z * z_leaf.grad).sum() + (z_mix * zm_leaf.grad).sum()
     loss = surrogate - surrogate.detach() + value
-    return loss, {"hp": 2 * total, "hp_lhp": 2 * total_mix, "lambda": z.new_tensor(lam)}
+    cross = (positives - same_view) / positives.clamp_min(
+        1
+    )  # share of positives from other views (0 if none)
+    return loss, {
+        "hp": 2 * total,
+        "hp_lhp": 2 * total_mix,
+        "lambda": z.new_tensor(lam),
+        "cross_view_share": cross,
+    }
 
 
 def ramp(step: int, warmup: int, n_steps: int) -> float:
