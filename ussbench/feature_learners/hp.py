@@ -231,7 +231,7 @@ class HP(HeadLearner):
         weight_decay: float = 0.1,
         grad_clip: float = 10.0,
         batch_size: int = 8,
-        steps: int = 100,
+        steps: int = 300,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
         crop_size: int = 12,

@@ -30,7 +30,7 @@ from .omh import omh_variant
 
 PAIR_TYPES = ("intra", "inter")
 # The calibration rule, fixed on MSRC-v2 (DINOv2 ViT-S/14) and held for every other backbone and dataset.
-DEFAULT_PULL = {"intra": 0.5, "inter": 0.1}
+DEFAULT_PULL = {"intra": 0.8, "inter": 0.1}
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ class SmooSeg(HeadLearner):
         lr: float = 1e-4,
         prototype_lr: float = 5e-4,
         batch_size: int = 8,
-        steps: int = 200,
+        steps: int = 300,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
         crop_size: int = 16,

@@ -30,7 +30,7 @@ from .omh import omh_variant
 
 PAIR_TYPES = ("self", "knn", "rand")
 # The calibration rule, fixed on MSRC-v2 (DINOv2 ViT-S/14) and held for every other backbone and dataset.
-DEFAULT_PULL = {"self": 0.5, "knn": 0.5, "rand": 0.1}
+DEFAULT_PULL = {"self": 0.8, "knn": 0.8, "rand": 0.03}
 
 
 def sample_points(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ class STEGO(HeadLearner):
         dropout: float = 0.1,
         lr: float = 5e-4,
         batch_size: int = 8,
-        steps: int = 150,
+        steps: int = 300,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
         crop_size: int = 16,

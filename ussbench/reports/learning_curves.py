@@ -177,6 +177,49 @@ def health_table(rows_by_learner: dict[str, dict[tuple[str, ...], list[dict[str,
     return pd.DataFrame(lines)
 
 
+def _seed_stats(cells: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(dataset, feature-learner label) -> (mean mIoU, seed std (0 for one seed), seeds); other stages pooled."""
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for cell in cells:
+        values[(str(cell["row"]["dataset"]), str(cell["row"]["feature_learner"]))].append(
+            float(cell["row"]["miou"])
+        )
+    return {
+        k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+        for k, v in values.items()
+    }
+
+
+def comparison_table(cells: list[dict[str, Any]]) -> pd.DataFrame:
+    """Every learner row against its dataset's raw-token row, and every 'X+OMH' row against its row 'X'.
+
+    diff: difference of the seed means; spread: sqrt(s1^2 + s2^2) of the two rows' seed standard deviations (the
+    std of the difference of two independent runs); 'beyond 2 spreads': diff > 2 * spread (or < -2 * spread), only
+    with at least 2 seeds on both sides. Cells of other image / dataset clusterers are pooled per label (the OMH
+    grid has one of each).
+    """
+    stats = _seed_stats(cells)
+    raw_labels = {
+        (str(c["row"]["dataset"]), str(c["row"]["feature_learner"])) for c in cells if learner_name(c) is None
+    }
+    raw = {ds: stats[(ds, label)] for ds, label in raw_labels}
+    lines = []
+    for (ds, label), (mean, std, n) in sorted(stats.items()):
+        if (ds, label) in raw_labels:
+            continue
+        pairs = [("raw tokens", raw[ds])] if ds in raw else []
+        base = label.removesuffix("+OMH")
+        if base != label and (ds, base) in stats:
+            pairs.append((base, stats[(ds, base)]))
+        for against, (b_mean, b_std, b_n) in pairs:
+            diff, spread = mean - b_mean, float(np.hypot(std, b_std))
+            verdict = "one seed" if min(n, b_n) < 2 else ("yes" if abs(diff) > 2 * spread else "no")
+            lines.append({"dataset": ds, "row": label, "against": against, "mIoU": f"{mean:.2f} ± {std:.2f} ({n})",
+                          "baseline mIoU": f"{b_mean:.2f} ± {b_std:.2f} ({b_n})", "diff": f"{diff:+.2f}",
+                          "spread": f"{spread:.2f}", "beyond 2 spreads": verdict})  # fmt: skip
+    return pd.DataFrame(lines)
+
+
 def section(output: Path, cells: list[dict[str, Any]]) -> str:
     """The report's learning-curve section (Markdown) and its figures; empty when the grid has no learner."""
     rows_by_learner = collect(Path(output), cells)
@@ -199,6 +242,12 @@ def section(output: Path, cells: list[dict[str, Any]]) -> str:
                               for _, r in collapsed.iterrows()), ""]  # fmt: skip
     else:
         lines += ["No learner row collapsed.", ""]
+    comparison = comparison_table(cells)
+    if len(comparison):
+        lines += ["### Learners against raw tokens, and OMH's effect", "",
+                  "mIoU as mean ± seed std (seeds); diff = difference of the means; spread = sqrt(s1² + s2²) of the two "
+                  "rows' seed stds; 'beyond 2 spreads' says whether |diff| exceeds twice that.", "",
+                  markdown_table(comparison), ""]  # fmt: skip
     for name, rows in sorted(rows_by_learner.items()):
         path = draw(name, rows, baselines, Path(output) / f"learning_curves_{name}.png")
         if path is not None:
