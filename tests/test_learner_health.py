@@ -242,6 +242,26 @@ def test_grid_records_learner_params_health_and_draws_curves(tmp_path, toy_root)
     assert (out / "learning_curves_stego.png").stat().st_size > 1000
 
 
+def test_report_section_names_collapsed_rows(tmp_path):
+    """A row with a collapsed seed is listed as collapsed in the learning-curve section; a healthy one is not."""
+    from ussbench.reports.learning_curves import section
+
+    def cell(label: str, seed: int, collapsed: bool, rank: float) -> dict:
+        row = {"dataset": "msrc", "backbone": "dinov2", "feature_learner": label, "image_clusterer": "patches",
+               "dataset_clusterer": "k-means", "postprocess": "none", "seed": seed, "miou": 10.0,
+               "cell_id": f"{label}{seed}", "code_effective_rank": rank, "input_effective_rank": 190.0,
+               "code_collapsed": collapsed, "learner_steps": 300}  # fmt: skip
+        stages = [{"kind": "feature_learner", "name": "stego"}]
+        return {"row": row, "identity": {"stages": stages}, "params": {}}
+
+    cells = [cell("STEGO paper", s, s < 2, 2.5 if s < 2 else 20.0) for s in range(3)]
+    cells += [cell("STEGO", s, False, 40.0) for s in range(3)]
+    md = section(tmp_path, cells)
+    assert "## Learning curves and code health" in md
+    collapsed_line = next(line for line in md.splitlines() if line.startswith("**Collapsed rows**"))
+    assert "STEGO paper on msrc (2/3 seeds)" in collapsed_line and "STEGO on" not in collapsed_line
+
+
 def test_comparison_with_raw_tokens_and_omh_on_known_scores():
     from ussbench.reports.learning_curves import comparison_table
 

@@ -1,9 +1,13 @@
 """What a grid cell records about its feature learner: parameters, calibrated values, code health, curve scores.
 
-Called by the pipeline (one line each): :func:`learner_record` for ``results.parquet``'s parameters,
-:func:`learner_row` for the row's health fields (the leaderboard's code effective rank and collapse flag),
-and :func:`checkpoint_scores`, which scores the learner's kept snapshots for the report's learning curves.
-The scores use labels and are evaluation only: nothing the learner returns depends on them.
+Called from the stage graph (one line each): :func:`add_to_learned` when the learner's node is computed
+(its parameters and calibrated values, :func:`learner_record`, and the scores of its kept snapshots for the
+report's learning curves, :func:`checkpoint_scores`), :func:`record_params` for ``results.parquet``'s
+parameters and :func:`learner_row` for the row's health fields (the leaderboard's code effective rank and
+collapse flag). Everything stored is plain tensors, numbers, strings, lists and dicts, so the learned node's
+cache entry and the cell's artifacts file go through the pickle-free serialization
+(:mod:`ussbench.serialization`). The scores use labels and are evaluation only: nothing the learner returns
+depends on them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,27 @@ def learner_record(entry: Any, learner: Any, artifacts: dict[str, Any]) -> dict[
         "params": learner.get_params(),
         "calibrated": artifacts.get("calibrated", {}),
     }
+
+
+def add_to_learned(
+    stored: dict[str, Any],
+    entry: Any,
+    learner: Any,
+    features: FeatureSet,
+    labels: list[np.ndarray],
+    ctx: StageContext,
+    protocol: dict[str, Any],
+) -> None:
+    """Add the learner's record (``stored["params"]``) and checkpoint scores (artifacts) to its node's value."""
+    stored["artifacts"]["checkpoints"] = checkpoint_scores(
+        learner, features, labels, ctx, protocol.get("matching", "auto"), protocol.get("objective", "pixels")
+    )
+    stored["params"] = learner_record(entry, learner, stored["artifacts"])
+
+
+def record_params(learned: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"feature_learner": record}`` for a cell's parameters (empty without a learner or a record)."""
+    return {"feature_learner": learned["params"]} if learned and "params" in learned else {}
 
 
 def learner_row(features: FeatureSet, artifacts: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +98,7 @@ def checkpoint_scores(
     """
     from .. import registry
     from ..evaluation.metrics import ConfusionMatrix, evaluate_counts
-    from ..pipeline import upsample_nearest
+    from ..graph.evaluation import upsample_nearest
 
     snapshots = getattr(learner, "snapshots_", None) or []
     out: dict[str, list[float]] = {"step": [], "miou": [], "pixel_accuracy": []}

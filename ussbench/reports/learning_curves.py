@@ -11,7 +11,6 @@ and says which rows collapsed. Checkpoint scores are evaluation only: no checkpo
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +26,6 @@ import pandas as pd  # noqa: E402
 from ..atomic import atomic_write  # noqa: E402
 from .tables import STAGE_COLUMNS, markdown_table  # noqa: E402
 
-log = logging.getLogger(__name__)
 OTHER_STAGES = [c for c in STAGE_COLUMNS if c not in ("dataset", "feature_learner")]
 
 
@@ -40,18 +38,11 @@ def learner_name(cell: dict[str, Any]) -> str | None:
 
 
 def load_learner_artifacts(output: Path, cell: dict[str, Any]) -> dict[str, Any]:
-    """The feature learner's saved artifacts of a cell (plain tensors and lists: loaded with weights_only)."""
-    import torch
+    """The feature learner's saved artifacts of a cell, read by the pickle-free loader of the cell records."""
+    from ..graph.records import load_artifacts
 
-    path = Path(output) / "cells" / f"{cell['row']['cell_id']}.artifacts.pt"
-    if not path.is_file():
-        return {}
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a plain-tensor file: never unpickle it
-        log.warning("learning curves: %s not loaded safely (%s); skipped", path.name, exc)
-        return {}
-    return saved.get("feature_learner") or {}
+    saved = load_artifacts(Path(output) / "cells" / f"{cell['row']['cell_id']}.artifacts.pt")
+    return (saved or {}).get("feature_learner") or {}
 
 
 def _mean_series(series: list[tuple[list[float], list[float]]]) -> tuple[np.ndarray, np.ndarray] | None:
