@@ -209,8 +209,9 @@ def test_omh_mean_balance_is_the_per_level_per_cluster_mean():
     from ussbench.feature_learners.omh import matching_loss, soft_assign
 
     x = code.permute(0, 2, 3, 1).reshape(-1, 8)
-    m = [soft_assign(x, h.weight) for h in paper.heads]
-    terms = [float(matching_loss(a, m[i], m[i + 1])) for i, (a, _) in enumerate(paper.plans())]
+    with torch.no_grad():
+        m = [soft_assign(x, h.weight) for h in paper.heads]
+        terms = [float(matching_loss(a, m[i], m[i + 1])) for i, (a, _) in enumerate(paper.plans())]
     assert float(m_paper) == pytest.approx(sum(terms), rel=1e-5)
     assert float(m_mean) == pytest.approx((terms[0] / 3 + terms[1] / 6) / 2, rel=1e-5)
     with pytest.raises(ConfigError, match="omh_balance"):
