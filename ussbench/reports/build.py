@@ -16,7 +16,7 @@ from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
 from ..evaluation.statistics import DEFAULT_RESAMPLES, DEFAULT_SEED
 from ..provenance import read_run
-from . import figures, header, page
+from . import figures, header, learning_curves, page
 from .comparisons import (
     BoardStatistics,
     board_statistics,
@@ -90,6 +90,7 @@ def build_report(
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
                     _per_class(cells, board), written)  # fmt: skip
     md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
+    md += learning_curves.section(output, cells)  # feature learners' curves and code health (issue 13)
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
     html = page.render(report, FIGURES).replace(
         "</body></html>", failures_html(output, cell_ids) + "</body></html>"

@@ -79,6 +79,11 @@ def leaderboard_frame(results: pd.DataFrame) -> pd.DataFrame:
         **{c: (c, "mean") for c in PROBE_COLUMNS if c in results},
         peak_gpu_mb=("peak_gpu_mb", "max"),
         peak_rss_mb=("peak_rss_mb", "max"),
+        **(
+            {"code_rank_mean": ("code_effective_rank", "mean"), "collapsed": ("code_collapsed", "sum")}
+            if "code_effective_rank" in results
+            else {}
+        ),  # feature learners' code health
     ).reset_index()
     if "miou_no_crf_std" in board:  # one seed: std 0 (rows without the number stay blank in the display)
         board["miou_no_crf_std"] = board.miou_no_crf_std.fillna(0.0)
@@ -152,6 +157,9 @@ def leaderboard_display(board: pd.DataFrame, stats: pd.DataFrame | None = None, 
         if values.notna().any():
             label = "NFCov segments (%)" if col == "nfcov" else f"NFCov {col.removeprefix('nfcov_')} (%)"
             shown[label] = values.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")  # blank: no such level
+    if "code_rank_mean" in board and board.code_rank_mean.notna().any():  # blank: no learner
+        shown["code eff. rank"] = [("" if pd.isna(r) else f"{r:.1f}" + (f" (collapsed {int(c)}/{n})" if c else ""))
+                                   for r, c, n in zip(board.code_rank_mean, board.collapsed.fillna(0), board.seeds)]  # fmt: skip
     shown["seeds"] = board.seeds
     if has:
         shown["CI width"] = stats.ci_width.map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.2f}")
