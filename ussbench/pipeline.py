@@ -25,6 +25,7 @@ from .config import StageEntry
 from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
+from .evaluation.upsample import HistogramMemo, evaluate_nearest
 from .image_clusterers._common import pick_feature
 
 STAGE_ORDER = (
@@ -145,6 +146,7 @@ class CellRunner:
         self.progress = progress
         self.crf_workers = crf_workers  # protocol CRF pool size; None: serial on <= 2 CPUs, else up to 8
         self.memo = StageMemo()
+        self.histograms = HistogramMemo()  # per-patch label histograms for the nearest evaluation path
 
     # -- stage helpers ----------------------------------------------------------------------------------
     def _timed(self, key: str, compute: Callable[[], Any]) -> tuple[Any, float, bool]:
@@ -200,12 +202,14 @@ class CellRunner:
         raw_dataset: Dataset = build_plugin(cell.entry("dataset"), {"data_root": self.data_root})
         dataset: Dataset = spec.view(raw_dataset)
         backbone: Backbone = build_plugin(
-            cell.entry("backbone"), {"cache_dir": str(self.cache.root or "")} if self.cache.root else {}
+            cell.entry("backbone"),
+            {"device": dev, **({"cache_dir": str(self.cache.root)} if self.cache.root else {})},
         )
         num_classes = dataset.num_classes
         row: dict[str, Any] = {"seed": seed, "device": dev, **{f"{k}": v for k, v in cell.labels().items()}}
 
         features, feat_key, row["time_features_s"], row["features_reused"] = self.features(dataset, backbone)
+        row["precision"] = features.meta.get("precision", "fp32")  # the backbone's resolved precision (perf)
         ctx = StageContext(self.device, seed, dataset, backbone, num_classes, self.progress)
         artifacts: dict[str, Any] = {}
         learner_entry = cell.entry("feature_learner")
@@ -317,6 +321,9 @@ class CellRunner:
         progress = tqdm(pixels, total=len(segments), desc="evaluate", disable=not self.progress, leave=False)
         if spec.crf:
             row["protocol_crf"], row["time_crf_s"] = self._protocol_crf(dataset, progress, n_pred, finish)
+        elif post is None and not bilinear:  # exact counts from per-patch label histograms (perf hook)
+            panels.update(evaluate_nearest(conf, segments, fg_masks, assigned, k_dc, labels, self.histograms,
+                                           feat_key, panel_ids))  # fmt: skip
         else:
             for i, pred, _ in progress:
                 if post is not None:

@@ -26,6 +26,7 @@ from .cache import Cache
 from .config import STAGE_KEYS, Grid, StageEntry
 from .errors import ConfigError
 from .pipeline import STAGE_ORDER, Cell, CellRunner, build_plugin
+from .threads import configure_threads
 
 log = logging.getLogger(__name__)
 _STAGE_KEY_OF = {kind: key for key, kind in STAGE_KEYS.items()}
@@ -135,7 +136,10 @@ def run_grid(
     env = environment_info(device)
     atomic_write_json(out / "run.json", {"grid": grid.raw, "grid_file": str(grid.path), "environment": env,
                                          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_cells": len(cells)})  # fmt: skip
-    runner = CellRunner(Cache(grid.cache_dir), device, grid.protocol, grid.data_root, progress)
+    threads = configure_threads()  # one thread policy for torch, faiss/OpenMP and BLAS (ussbench.threads)
+    runner = CellRunner(
+        Cache(grid.cache_dir), device, grid.protocol, grid.data_root, progress, threads["threads_crf"]
+    )
     start = time.perf_counter()
     n_run = n_resumed = 0
     bar = tqdm(cells, desc=f"grid {grid.name}", disable=not progress, unit="cell")
@@ -149,7 +153,7 @@ def run_grid(
             " | ".join(cell.entry(k).label for k in STAGE_ORDER[2:5]) + f" | seed {cell.seed}"
         )
         row, extras = runner.run(cell)
-        row.update(cell_id=cid, grid=grid.name, environment=env)
+        row.update(cell_id=cid, grid=grid.name, environment=env, **threads)
         panels = {f"pred_{k}": v for k, v in extras.pop("panels").items()}
         panels.update({f"level_{k}": v for k, v in extras.pop("level_panels", {}).items()})
         artifacts = extras.pop("artifacts")

@@ -1,0 +1,98 @@
+"""Evaluation without upsampling: per-patch label histograms give exactly the pixel-by-pixel confusion counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ussbench.base import Segmentation
+from ussbench.evaluation.metrics import ConfusionMatrix
+from ussbench.evaluation.upsample import (
+    HistogramMemo,
+    cell_histograms,
+    evaluate_nearest,
+    grid_confusion,
+    upsample_nearest,
+)
+from ussbench.pipeline import nearest_pixel_predictions
+
+
+def random_cell(seed: int, n_images: int = 7, n_classes: int = 5):
+    """Segmentations on uneven grids, labels of sizes that are no multiple of the grid, with void pixels."""
+    rng = np.random.default_rng(seed)
+    segments, labels = [], []
+    for _ in range(n_images):
+        h, w = rng.integers(2, 9, size=2)
+        H, W = int(h * rng.uniform(3, 20)) + 1, int(w * rng.uniform(3, 20)) + 2
+        n_seg = int(rng.integers(1, 6))
+        seg_map = torch.from_numpy(rng.integers(0, n_seg, size=(h, w)))
+        background = int(rng.integers(0, n_seg)) if rng.random() < 0.4 else None
+        segments.append(Segmentation(seg_map, torch.randn(n_seg, 3), background=background))
+        label = rng.integers(0, n_classes, size=(H, W))
+        label[rng.random((H, W)) < 0.1] = -1
+        labels.append(label)
+    fg = [torch.ones(s.n_segments, dtype=torch.bool) for s in segments]
+    for s, m in zip(segments, fg):
+        if s.background is not None:
+            m[s.background] = False
+    k_dc = 4
+    assigned = torch.from_numpy(rng.integers(0, k_dc, size=int(sum(int(m.sum()) for m in fg))))
+    return segments, fg, assigned, k_dc, labels, n_classes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histogram_counts_equal_pixel_by_pixel_counts(seed):
+    segments, fg, assigned, k_dc, labels, n_classes = random_cell(seed)
+    n_pred = k_dc + 1
+    slow = ConfusionMatrix(n_pred, n_classes)
+    reference_panels = {}
+    for i, pred, _ in nearest_pixel_predictions(segments, fg, assigned, k_dc, [lab.shape for lab in labels]):
+        slow.update(pred, labels[i])
+        reference_panels[str(i)] = pred.astype(np.int16)
+    fast = ConfusionMatrix(n_pred, n_classes)
+    panels = evaluate_nearest(fast, segments, fg, assigned, k_dc, labels, HistogramMemo(), "k", {0, 3})
+    np.testing.assert_array_equal(fast.counts, slow.counts)
+    assert fast.counts.sum() == sum(int((lab >= 0).sum()) for lab in labels)
+    assert set(panels) == {"0", "3"}
+    for key, value in panels.items():
+        np.testing.assert_array_equal(value, reference_panels[key])
+
+
+def test_per_image_counts_sum_to_each_image():
+    segments, fg, assigned, k_dc, labels, n_classes = random_cell(5)
+    grids = [tuple(s.segment_map.shape) for s in segments]
+    hist = cell_histograms(labels, grids, n_classes)
+    cells = torch.cat([torch.randint(0, k_dc, (g[0] * g[1],)) for g in grids])
+    total, rows = grid_confusion(cells, hist, k_dc)
+    for i, label in enumerate(labels):
+        start, stop = hist.offsets[i], hist.offsets[i + 1]
+        pred = upsample_nearest(cells[start:stop].reshape(grids[i]).numpy(), label.shape)
+        expected = ConfusionMatrix(k_dc, n_classes)
+        expected.update(pred, label)
+        mine = rows[rows[:, 0] == i]
+        got = np.zeros((k_dc, n_classes), dtype=np.int64)
+        got[mine[:, 1], mine[:, 2]] = mine[:, 3]
+        np.testing.assert_array_equal(got, expected.counts)
+    assert (rows[:, 3] > 0).all()
+    np.testing.assert_array_equal(total.sum(), rows[:, 3].sum())
+
+
+def test_out_of_range_labels_and_predictions_fail_clearly():
+    with pytest.raises(ValueError, match=r"label class ids must lie in \[0, 3\); got 3"):
+        cell_histograms([np.array([[0, 3]])], [(1, 1)], 3)
+    hist = cell_histograms([np.array([[0, 1], [2, -1]])], [(2, 2)], 3)
+    with pytest.raises(ValueError, match=r"predicted cluster ids must lie in \[0, 2\)"):
+        grid_confusion(torch.tensor([0, 1, 2, 0]), hist, 2)
+    with pytest.raises(ValueError, match="3 cell labels for 4 patch cells"):
+        grid_confusion(torch.tensor([0, 1, 0]), hist, 2)
+
+
+def test_memo_reuses_histograms_per_key_and_grid():
+    labels = [np.zeros((8, 8), dtype=np.int64)]
+    memo = HistogramMemo(size=2)
+    a = memo.get("features-a", labels, [(2, 2)], 2)
+    assert memo.get("features-a", labels, [(2, 2)], 2) is a
+    assert memo.get("features-a", labels, [(4, 4)], 2) is not a  # another grid: another histogram
+    memo.get("features-b", labels, [(2, 2)], 2)
+    assert memo.get("features-a", labels, [(2, 2)], 2) is not a  # evicted (size 2)

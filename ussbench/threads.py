@@ -1,0 +1,115 @@
+"""One thread policy for a run: torch intra-op, OpenMP (faiss), BLAS (numpy/scipy) and ussbench's own pools.
+
+Every numeric library here brings its own pool (torch's OpenMP, faiss's separate OpenMP runtime and
+OpenBLAS, numpy's and scipy's OpenBLAS), each sized to the machine by default. They run one after the
+other, so sizing each to the usable CPUs uses them all without oversubscribing; what must never happen is
+a pool of ours running beside them at full size. An explicit user setting wins: ``USSBENCH_THREADS``, else
+``OMP_NUM_THREADS``; without either, the CPUs this process may run on (its affinity mask, which
+``taskset`` and container limits narrow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_THREADS = "USSBENCH_THREADS"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def requested_threads() -> int | None:
+    """The user's explicit thread count: ``USSBENCH_THREADS``, else ``OMP_NUM_THREADS``; None if unset."""
+    for name in (ENV_THREADS, "OMP_NUM_THREADS"):
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            value = int(raw.split(",")[0])
+        except ValueError:
+            log.warning("%s=%r is not a thread count; ignored", name, raw)
+            continue
+        if value >= 1:
+            return value
+        log.warning("%s=%r is not a positive thread count; ignored", name, raw)
+    return None
+
+
+def run_threads() -> int:
+    """Threads every numeric pool of a run gets: the user's setting, else the usable CPUs."""
+    return requested_threads() or available_cpus()
+
+
+def decode_workers() -> int:
+    """Background threads that decode and resize images while the backbone runs (0: in the caller's thread).
+
+    One thread on any machine with more than one usable CPU: decoding costs ~1% of a ViT forward, so one
+    thread hides it; more would only take cores from the forward. None with a single thread to give.
+    """
+    return 1 if run_threads() > 1 else 0
+
+
+def crf_workers() -> int:
+    """Processes of the dense-CRF pool: one per thread of the run (pydensecrf is single-threaded), at most 8."""
+    return max(1, min(8, run_threads()))
+
+
+def configure_threads(threads: int | None = None) -> dict[str, Any]:
+    """Size torch's, faiss's and the BLAS pools to ``threads`` (default :func:`run_threads`); returns the record.
+
+    torch's inter-op pool is left alone (it can only be set before first use, and ussbench runs no
+    inter-op parallel work).
+    """
+    n = int(threads) if threads is not None else run_threads()
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n, user_api="blas")
+    except ImportError:
+        pass
+    return thread_record()
+
+
+def thread_record() -> dict[str, Any]:
+    """The thread counts in force now, as recorded in every result row."""
+    record: dict[str, Any] = {"threads_torch": torch.get_num_threads()}
+    try:
+        import faiss
+
+        record["threads_omp"] = int(faiss.omp_get_max_threads())
+    except (ImportError, AttributeError):
+        record["threads_omp"] = None
+    record["threads_blas"] = _blas_threads()
+    record["threads_decode"] = decode_workers()
+    record["threads_crf"] = crf_workers()
+    return record
+
+
+def _blas_threads() -> int | None:
+    """The largest thread count among the loaded BLAS libraries (None when threadpoolctl is missing)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [int(p.get("num_threads") or 0) for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(counts) if counts else None
