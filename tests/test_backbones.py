@@ -130,8 +130,12 @@ def test_bf16_autocast_changes_little_and_is_recorded(toy_root):
     from ussbench.datasets.folder import ImageMaskFolder
 
     ds = ImageMaskFolder(num_classes=3, root=str(toy_root))
-    fp32 = RandomViT(depth=2, resolution=64, precision="fp32").extract(ds, torch.device("cpu"), progress=False)
-    bf16 = RandomViT(depth=2, resolution=64, precision="bf16").extract(ds, torch.device("cpu"), progress=False)
+    fp32 = RandomViT(depth=2, resolution=64, precision="fp32").extract(
+        ds, torch.device("cpu"), progress=False
+    )
+    bf16 = RandomViT(depth=2, resolution=64, precision="bf16").extract(
+        ds, torch.device("cpu"), progress=False
+    )
     assert fp32.meta["precision"] == "fp32" and bf16.meta["precision"] == "bf16"
     a, b = fp32[0].tokens.float().reshape(-1, 384), bf16[0].tokens.float().reshape(-1, 384)
     assert not torch.equal(a, b)  # autocast really ran
@@ -191,7 +195,9 @@ def test_extract_batches_mixed_sizes_like_single_images(tmp_path):
     (tmp_path / "labels").mkdir()
     sizes = [(48, 64), (64, 48), (48, 64), (32, 80), (48, 64), (64, 48), (48, 64)]
     for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"i{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"i{i}.png"
+        )
         Image.fromarray(np.zeros((h, w), dtype=np.uint8)).save(tmp_path / "labels" / f"i{i}.png")
     ds = ImageMaskFolder(num_classes=1, root=str(tmp_path))
     backbone = RandomViT(depth=1, resolution=32, batch_size=2, seed=1)
