@@ -27,6 +27,7 @@ from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
 from .evaluation.upsample import HistogramMemo, evaluate_nearest
 from .image_clusterers._common import pick_feature
+from .reports.profile import work_facts
 
 STAGE_ORDER = (
     "dataset",
@@ -209,7 +210,6 @@ class CellRunner:
         row: dict[str, Any] = {"seed": seed, "device": dev, **{f"{k}": v for k, v in cell.labels().items()}}
 
         features, feat_key, row["time_features_s"], row["features_reused"] = self.features(dataset, backbone)
-        row["precision"] = features.meta.get("precision", "fp32")  # the backbone's resolved precision (perf)
         ctx = StageContext(self.device, seed, dataset, backbone, num_classes, self.progress)
         artifacts: dict[str, Any] = {}
         learner_entry = cell.entry("feature_learner")
@@ -277,6 +277,7 @@ class CellRunner:
         k_dc = int(getattr(dc, "n_clusters", k_dc))
         fg_masks = [_foreground(s) for s in segments]
         X = torch.cat([s.vectors[m].float() for s, m in zip(segments, fg_masks)])
+        row.update(work_facts(features, X))  # precision, token counts, dimensions (ussbench.reports.profile)
         t0 = time.perf_counter()
         assigned = dc.fit(X).predict(X).long().cpu()
         row["time_dataset_clusterer_s"] = time.perf_counter() - t0

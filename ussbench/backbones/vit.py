@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..base import Backbone, Dataset, FeatureSet, ImageFeatures
 from ..errors import BackboneWeightsError
+from ..reports.profile import vit_gflops
 from ..threads import decode_workers
 from .loader import Prepared, prepared_images, shape_batches
 from .precision import Precision, autocast, resolve_precision
@@ -281,10 +282,18 @@ class TimmViTBackbone(Backbone):
             bar.update(len(batch))
         bar.close()
         images = [f for f in out if f is not None]
+        vit = model.vit
+        gflops = vit_gflops([f.grid[0] * f.grid[1] for f in images], int(vit.embed_dim), len(vit.blocks),
+                            int(vit.blocks[0].mlp.fc1.out_features), self._arch_patch())  # fmt: skip
         return FeatureSet(
             images=images,
             backbone=self.report_name or self.plugin_name,
             patch_size=self._arch_patch(),
             embed_dim=int(images[0].tokens.shape[-1]) if images else 0,
-            meta={"resolution": self.resolution, "arch": self.arch, "precision": model.precision},
+            meta={
+                "resolution": self.resolution,
+                "arch": self.arch,
+                "precision": model.precision,
+                "gflops": gflops,
+            },
         )

@@ -15,7 +15,7 @@ import pandas as pd
 from .. import registry
 from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
-from . import figures
+from . import figures, profile
 from .panels import draw_panels
 from .tables import STAGE_COLUMNS, leaderboard_display, leaderboard_frame, markdown_table, results_frame
 
@@ -71,6 +71,7 @@ def build_report(
     refs = _published(cells)
     per_class = _per_class(cells, board)
     md = _markdown(grid_name, run, cells, board, refs, per_class, written)
+    md += profile.profile_footer(output, cells)  # per-stage seconds vs the machine's limits (perf)
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
     written["html"] = atomic_write_text(
         output / "leaderboard.html", _html(grid_name, run, cells, board, refs, per_class, written)
