@@ -194,11 +194,11 @@ def stage_work(cell: dict[str, Any], stage: str) -> Work | None:
 
 
 # -- profiles -------------------------------------------------------------------------------------------------
-def limit_of(work: Work, row: dict[str, Any], limits: dict[str, Any]) -> float | None:
-    """The machine's limit for a stage's work: GFLOP/s at the row's precision (features) or copy GB/s."""
+def limit_of(work: Work, row: dict[str, Any], limits: dict[str, Any], stage: str) -> float | None:
+    """The machine's limit for a stage's work: copy GB/s, or matmul GFLOP/s (bf16 for a bf16 backbone)."""
     if work.unit == "GB":
         return limits.get("bandwidth_gbs")
-    bf16 = row.get("precision") == "bf16"
+    bf16 = stage == "features" and row.get("precision") == "bf16"
     return limits.get("bf16_gflops" if bf16 else "fp32_gflops")
 
 
@@ -224,6 +224,8 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
             seconds = row.get(column)
             if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
                 continue
+            if stage == "feature_learner" and row.get(stage) == "none":
+                continue
             key = shared_key(row, stage)
             if key in seen:
                 continue
@@ -240,7 +242,7 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
                 record.update(work=work.amount, unit=work.unit, bound=work.bound, model=work.model)
                 if seconds > 0:
                     record["rate"] = work.amount / seconds
-                    limit = limit_of(work, row, limits or {})
+                    limit = limit_of(work, row, limits or {}, stage)
                     if limit:
                         record["limit"] = limit
                         record["fraction"] = record["rate"] / limit
