@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -197,6 +196,8 @@ class TimmViTBackbone(Backbone):
         raise NotImplementedError
 
     def _build(self) -> ViTExtractor:
+        import timm  # imported when a network is built: importing timm (and torchvision) costs seconds
+
         vit = timm.create_model(self.arch, pretrained=False, num_classes=0, **self.timm_kwargs)
         state = self.state_dict_for_model()
         if state is not None:
