@@ -68,12 +68,15 @@ def crf_workers() -> int:
 def configure_threads(threads: int | None = None) -> dict[str, Any]:
     """Size torch's, faiss's and the BLAS pools to ``threads`` (default :func:`run_threads`); returns the record.
 
-    torch's inter-op pool is left alone (it can only be set before first use, and ussbench runs no
-    inter-op parallel work).
+    An explicit ``threads`` becomes the run's setting (``USSBENCH_THREADS``), so ussbench's own pools and
+    worker processes follow it too. torch's inter-op pool is left alone (it can only be set before first
+    use, and ussbench runs no inter-op parallel work).
     """
     n = int(threads) if threads is not None else run_threads()
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
+    if threads is not None:
+        os.environ[ENV_THREADS] = str(n)
     torch.set_num_threads(n)
     try:
         import faiss
