@@ -171,9 +171,13 @@ def test_shape_batches_group_by_shape_in_order_with_bounded_pending():
 def test_prepared_images_keep_order_and_raise_errors():
     from ussbench.backbones.loader import Prepared, prepared_images
 
+    main_threads = torch.get_num_threads()
+    seen_threads = {}
+
     def prepare(i):
         if i == 5:
             raise OSError("cannot read image 5")
+        seen_threads[i] = torch.get_num_threads()
         return Prepared(i, torch.zeros(1), (1, 1))
 
     for workers in (0, 2):
@@ -182,6 +186,9 @@ def test_prepared_images_keep_order_and_raise_errors():
             for item in prepared_images(8, prepare, workers=workers, ahead=3):
                 got.append(item.index)
         assert got == [0, 1, 2, 3, 4]
+        # decode threads run torch on one OpenMP thread; the caller's own setting is untouched
+        assert set(seen_threads.values()) == ({main_threads} if workers == 0 else {1})
+        assert torch.get_num_threads() == main_threads
 
 
 def test_extract_batches_mixed_sizes_like_single_images(tmp_path):

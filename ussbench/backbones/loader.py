@@ -4,7 +4,8 @@ A backbone's forward needs a batch of equally sized images. Datasets hold images
 order, so images stream in dataset order into one bucket per input size; a full bucket is a batch. Memory
 stays bounded: when more than ``max_pending`` images wait, the fullest bucket goes out as a shorter batch.
 Decoding and resizing run in ``workers`` background threads (PIL and torch release the GIL) while the
-caller runs the forward of the previous batch; ``workers=0`` prepares every image in the caller's thread.
+caller runs the forward of the previous batch, each on one OpenMP thread; ``workers=0`` prepares every
+image in the caller's thread.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ class Prepared:
     image_size: tuple[int, int]
 
 
+def one_omp_thread() -> None:
+    """Make the calling thread's torch ops use one OpenMP thread (the per-thread OpenMP setting), so that a
+    decode thread never adds a second team of threads beside the forward's: no oversubscription."""
+    torch.get_num_threads()  # torch sets a new thread's OpenMP count on its first use: let it happen first
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=1, user_api="openmp")
+
+
 def prepared_images(
     n: int, prepare: Callable[[int], Prepared], workers: int = 1, ahead: int = 32
 ) -> Iterator[Prepared]:
@@ -34,7 +46,9 @@ def prepared_images(
         for i in range(n):
             yield prepare(i)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ussbench-decode") as pool:
+    with ThreadPoolExecutor(
+        workers, thread_name_prefix="ussbench-decode", initializer=one_omp_thread
+    ) as pool:
         window: deque[Future[Prepared]] = deque()
         next_index = 0
         try:
