@@ -96,3 +96,29 @@ def test_memo_reuses_histograms_per_key_and_grid():
     assert memo.get("features-a", labels, [(4, 4)], 2) is not a  # another grid: another histogram
     memo.get("features-b", labels, [(2, 2)], 2)
     assert memo.get("features-a", labels, [(2, 2)], 2) is not a  # evicted (size 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cell_nfcovering_equals_pixel_nfcovering(seed):
+    from ussbench.evaluation.cell_covering import segment_covering_cells
+    from ussbench.pipeline import segment_covering
+
+    rng = np.random.default_rng(seed)
+    segments, _, _, _, labels, _ = random_cell(seed, n_images=9, n_classes=6)
+    labels[2][labels[2] >= 3] = 0  # an image without foreground (classes 3..5 below)
+    for s in segments:  # two hierarchy levels on the same grid, one coarser
+        s.levels = {
+            "l0": s.segment_map.clone(),
+            "l1": torch.from_numpy(rng.integers(0, 2, size=s.segment_map.shape)),
+        }
+
+    class Data:  # what segment_covering reads from a dataset
+        class_names = ["building", "grass", "tree", "cow", "sheep", "sky"]
+        num_classes = 6
+
+    expected = segment_covering(segments, labels, Data, "msrc_v2")
+    got = segment_covering_cells(segments, labels, Data, "msrc_v2", HistogramMemo(), "k")
+    assert set(got) == set(expected) == {"nfcov", "nfcov_l0", "nfcov_l1"}
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-9)
+    assert segment_covering_cells(segments, labels, Data, "unknown", HistogramMemo(), "k") == {}

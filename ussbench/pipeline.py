@@ -23,6 +23,7 @@ from .base import Backbone, Dataset, FeatureSet, Segmentation, StageContext
 from .cache import Cache, stable_hash
 from .config import StageEntry
 from .errors import ConfigError
+from .evaluation.cell_covering import segment_covering_cells
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
 from .evaluation.upsample import HistogramMemo, evaluate_nearest
@@ -332,9 +333,10 @@ class CellRunner:
                 finish(i, pred)
         row["time_eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        covering, _ = self.memo.covering.get_or(
-            skey, lambda: segment_covering(segments, labels, dataset, cell.entry("dataset").name)
-        )
+        covering, _ = self.memo.covering.get_or(  # same numbers as segment_covering, from cell histograms (perf)
+            skey, lambda: segment_covering_cells(segments, labels, dataset, cell.entry("dataset").name,
+                                                 self.histograms, feat_key)
+        )  # fmt: skip
         row.update(covering)
         row["time_nfcov_s"] = time.perf_counter() - t0
         level_panels = {

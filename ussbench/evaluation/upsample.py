@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def nearest_indices(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +51,27 @@ class CellHistograms:
         return int(self.counts.shape[1])
 
 
+def pixel_cells(grid: tuple[int, int], size: tuple[int, int], mapping: str = "centre") -> np.ndarray:
+    """(H*W,) index of the grid cell (row-major) each pixel of an image of ``size`` falls in.
+
+    mapping 'centre': the pixel centre's cell (:func:`upsample_nearest`, the evaluation's convention);
+    'interpolate': torch's ``F.interpolate(mode="nearest")`` (floor of the scaled index), which NFCovering
+    uses. Both are exact reproductions of those upsamplings.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    if mapping == "centre":
+        rows, cols = nearest_indices((h, w), size)
+        return (rows[:, None] * w + cols[None, :]).reshape(-1)
+    if mapping == "interpolate":
+        ids = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)
+        if (h, w) != tuple(size):
+            ids = F.interpolate(ids, size=tuple(size), mode="nearest")
+        return ids.reshape(-1).long().numpy()
+    raise ValueError(f"mapping must be 'centre' or 'interpolate', got {mapping!r}")
+
+
 def cell_histograms(
-    labels: Sequence[np.ndarray], grids: Sequence[tuple[int, int]], n_classes: int
+    labels: Sequence[np.ndarray], grids: Sequence[tuple[int, int]], n_classes: int, mapping: str = "centre"
 ) -> CellHistograms:
     """The class histogram under every patch cell of every image (labels (H, W) ints, -1 = void)."""
     if len(labels) != len(grids):
@@ -60,8 +80,7 @@ def cell_histograms(
     for label, grid in zip(labels, grids):
         label = np.asarray(label)
         h, w = int(grid[0]), int(grid[1])
-        rows, cols = nearest_indices((h, w), label.shape)
-        cell = (rows[:, None] * w + cols[None, :]).reshape(-1)
+        cell = pixel_cells((h, w), label.shape, mapping)
         flat = label.reshape(-1).astype(np.int64, copy=False)
         valid = flat >= 0
         if valid.any() and int(flat[valid].max()) >= n_classes:
@@ -131,18 +150,23 @@ def segment_cell_labels(
 class HistogramMemo:
     """The cell histograms of the last few (labels, grids) pairs a run evaluated on, keyed by the caller."""
 
-    def __init__(self, size: int = 2):
+    def __init__(self, size: int = 4):
         self.size = size
         self._entries: OrderedDict[Hashable, CellHistograms] = OrderedDict()
 
     def get(
-        self, key: Hashable, labels: Sequence[np.ndarray], grids: Sequence[tuple[int, int]], n_classes: int
+        self,
+        key: Hashable,
+        labels: Sequence[np.ndarray],
+        grids: Sequence[tuple[int, int]],
+        n_classes: int,
+        mapping: str = "centre",
     ) -> CellHistograms:
-        full_key = (key, tuple(tuple(int(v) for v in g) for g in grids), n_classes)
+        full_key = (key, tuple(tuple(int(v) for v in g) for g in grids), n_classes, mapping)
         if full_key in self._entries:
             self._entries.move_to_end(full_key)
             return self._entries[full_key]
-        hist = cell_histograms(labels, grids, n_classes)
+        hist = cell_histograms(labels, grids, n_classes, mapping)
         self._entries[full_key] = hist
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
