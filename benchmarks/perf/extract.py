@@ -161,6 +161,55 @@ def before_checkout(checkout: Path, name: str, limit: int | None) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def breakdown(backbone, batch: torch.Tensor) -> list[str]:
+    """Where one forward's time goes per precision: linear layers, attention, the rest; their GFLOP/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ussbench.reports.machine_limits import measure_limits
+
+    model = backbone.model(torch.device("cpu"))
+    vit = model.vit
+    n, t = batch.shape[0], (batch.shape[2] // 14) * (batch.shape[3] // 14) + 1
+    d, depth, mlp = int(vit.embed_dim), len(vit.blocks), int(vit.blocks[0].mlp.fc1.out_features)
+    linear_gflop = n * depth * (2 * t * d * 4 * d + 4 * t * d * mlp) / 1e9
+    attention_gflop = n * depth * 4 * t * t * d / 1e9
+    limits = measure_limits()
+    lines = [
+        f"one forward of {n} images ({t} tokens each); machine: fp32 matmul {limits.fp32_gflops:.0f} GFLOP/s, "
+        f"bf16 {limits.bf16_gflops:.0f} GFLOP/s",
+        "",
+        "| precision | total s | linear s (GFLOP/s, of matmul limit) | attention s (GFLOP/s) | other s |",
+        "|---|---|---|---|---|",
+    ]
+    saved = model.precision
+    for precision in ("fp32", "bf16"):
+        model.precision = precision
+        model(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(batch)
+        parts = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+        for event in prof.key_averages():
+            key = event.key
+            part = (
+                "linear"
+                if key in ("aten::addmm", "aten::mm")
+                else "attention"
+                if "dot_product" in key
+                else "other"
+            )
+            parts[part] += event.self_cpu_time_total / 1e6
+        total = sum(parts.values()) / torch.get_num_threads()  # CPU seconds over the threads ~ wall seconds
+        scale = 1 / torch.get_num_threads()
+        lin, att, other = (parts[k] * scale for k in ("linear", "attention", "other"))
+        limit = limits.bf16_gflops if precision == "bf16" else limits.fp32_gflops
+        lines.append(
+            f"| {precision} | {total:.2f} | {lin:.2f} ({linear_gflop / lin:.0f}, {linear_gflop / lin / limit:.0%}) | "
+            f"{att:.2f} ({attention_gflop / att:.0f}) | {other:.2f} |"
+        )
+    model.precision = saved
+    return lines
+
+
 def measure(loops: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """images/s of every loop in each round (wall clock, and per CPU-second of this process x threads),
     the loops' order rotated from round to round.
@@ -234,6 +283,10 @@ def main() -> None:
     print(f"\nthe same rounds per CPU-second of this process x {torch.get_num_threads()} threads:\n")
     print("\n".join(table(cpu_rates, loops)))
     report["rounds"], report["rounds_cpu"] = rates, cpu_rates
+    backbone = loops["ussbench fp32"].backbone
+    inputs = torch.stack([backbone.preprocess(batch.load_image(i)) for i in range(len(batch))])
+    print("\nwhere the time of one forward goes (torch profiler, CPU time / threads):\n")
+    print("\n".join(breakdown(backbone, inputs)))
     best = {name: max(v) for name, v in rates.items()}
     best_cpu = {name: max(v) for name, v in cpu_rates.items()}
     if args.limit >= 0:
