@@ -22,8 +22,11 @@ def test_explicit_settings_win_in_order(monkeypatch):
     assert threads.run_threads() == threads.available_cpus()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.run_threads() == 3
+    assert (
+        threads.decode_workers("cpu") == 0 and threads.decode_workers("cuda") == 1
+    )  # decode beside a GPU only
     monkeypatch.setenv("USSBENCH_THREADS", "1")
-    assert threads.run_threads() == 1 and threads.decode_workers() == 0 and threads.crf_workers() == 1
+    assert threads.run_threads() == 1 and threads.decode_workers("cuda") == 0 and threads.crf_workers() == 1
     monkeypatch.setenv("USSBENCH_THREADS", "zero")  # not a count: ignored, OMP_NUM_THREADS applies
     assert threads.run_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "0")

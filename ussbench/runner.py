@@ -136,7 +136,9 @@ def run_grid(
     env = environment_info(device)
     atomic_write_json(out / "run.json", {"grid": grid.raw, "grid_file": str(grid.path), "environment": env,
                                          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_cells": len(cells)})  # fmt: skip
-    threads = configure_threads()  # one thread policy for torch, faiss/OpenMP and BLAS (ussbench.threads)
+    threads = configure_threads(
+        device=str(device)
+    )  # one thread policy for torch, faiss/OpenMP and BLAS (ussbench.threads)
     runner = CellRunner(
         Cache(grid.cache_dir), device, grid.protocol, grid.data_root, progress, threads["threads_crf"]
     )

@@ -6,8 +6,9 @@ shape):
 - plain timm fp32: decode (PIL) + resize + normalise + ``forward_features`` under ``inference_mode``;
 - plain timm bf16: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
 - ussbench fp32 / ussbench auto: ``backbone.extract(dataset)`` with ``precision`` fp32 / auto (tokens,
-  keys, CLS, CLS attention, float16 storage; decoding in a background thread);
-- ussbench auto, decode inline: the same without the decode thread;
+  keys, CLS, CLS attention, float16 storage);
+- ussbench auto, decode thread: the same with decoding in one background thread (the default decodes in
+  the calling thread on the CPU, see ``ussbench.threads.decode_workers``);
 - ``--before DIR``: another checkout's ``extract`` on the same images (a subprocess; e.g. /work/main).
 
 Two measurements: ``--rounds`` short rounds, each loop over one batch of ``--batch-size`` images of the
@@ -122,21 +123,21 @@ class PlainLoop:
 
 
 class HarnessLoop:
-    """ussbench's extraction of the whole dataset (optionally with decoding in the caller's thread)."""
+    """ussbench's extraction of the whole dataset (optionally with a given number of decode threads)."""
 
-    def __init__(self, ds, precision: str, inline_decode: bool = False):
+    def __init__(self, ds, precision: str, decode_threads: int | None = None):
         spec = registry.get("backbone", "dinov2_vits14_imgfocus")
         cache = str(ROOT / ".cache" / "ussbench")
         self.backbone = registry.instantiate(
             spec, {"cache_dir": cache, "precision": precision, "device": "cpu"}
         )
         self.backbone.model(torch.device("cpu"))
-        self.ds, self.inline = ds, inline_decode
+        self.ds, self.decode_threads = ds, decode_threads
 
     def __call__(self) -> int:
         saved = vit_module.decode_workers
-        if self.inline:
-            vit_module.decode_workers = lambda: 0
+        if self.decode_threads is not None:
+            vit_module.decode_workers = lambda device, n=self.decode_threads: n
         try:
             feats = self.backbone.extract(self.ds, torch.device("cpu"), progress=False)
         finally:
@@ -156,8 +157,12 @@ def before_checkout(checkout: Path, name: str, limit: int | None) -> float:
         "bb.model(torch.device('cpu'))\nt = time.perf_counter()\n"
         "bb.extract(ds, torch.device('cpu'), progress=False)\nprint(len(ds) / (time.perf_counter() - t))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(checkout),
+    }  # run in the checkout: '-c' puts the cwd first on sys.path
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=checkout, capture_output=True, text=True,
+                         check=True)  # fmt: skip
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -198,9 +203,8 @@ def breakdown(backbone, batch: torch.Tensor) -> list[str]:
                 else "other"
             )
             parts[part] += event.self_cpu_time_total / 1e6
-        total = sum(parts.values()) / torch.get_num_threads()  # CPU seconds over the threads ~ wall seconds
-        scale = 1 / torch.get_num_threads()
-        lin, att, other = (parts[k] * scale for k in ("linear", "attention", "other"))
+        total = sum(parts.values())  # an op's self time is its wall time on the calling thread
+        lin, att, other = (parts[k] for k in ("linear", "attention", "other"))
         limit = limits.bf16_gflops if precision == "bf16" else limits.fp32_gflops
         lines.append(
             f"| {precision} | {total:.2f} | {lin:.2f} ({linear_gflop / lin:.0f}, {linear_gflop / lin / limit:.0%}) | "
@@ -232,15 +236,15 @@ def measure(loops: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str,
     return wall, cpu
 
 
-def make_loops(subset: Subset, state: dict, batch_size: int, inline: bool) -> dict:
+def make_loops(subset: Subset, state: dict, batch_size: int, thread: bool) -> dict:
     loops = {
         "plain timm fp32": PlainLoop(state, subset.paths(), batch_size, bf16=False),
         "plain timm bf16 autocast": PlainLoop(state, subset.paths(), batch_size, bf16=True),
         "ussbench fp32": HarnessLoop(subset, "fp32"),
         "ussbench auto": HarnessLoop(subset, "auto"),
     }
-    if inline:
-        loops["ussbench auto, decode inline"] = HarnessLoop(subset, "auto", inline_decode=True)
+    if thread:
+        loops["ussbench auto, decode thread"] = HarnessLoop(subset, "auto", decode_threads=1)
     return loops
 
 
@@ -264,7 +268,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="short rounds over one batch of one shape")
     parser.add_argument("--limit", type=int, default=0, help="images of the full pass (0: all, -1: no pass)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--no-inline", action="store_true", help="skip the inline-decode variant")
+    parser.add_argument("--no-thread", action="store_true", help="skip the decode-thread variant")
     parser.add_argument("--before", type=Path, help="another checkout to time the same way (subprocess)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -274,7 +278,7 @@ def main() -> None:
     state = HarnessLoop(Subset(full, [0]), "fp32").backbone.state_dict_for_model()
     report: dict = {"machine": describe_machine()}
     batch = one_shape_batch(full, args.batch_size)
-    loops = make_loops(batch, state, args.batch_size, not args.no_inline)
+    loops = make_loops(batch, state, args.batch_size, not args.no_thread)
     rates, cpu_rates = measure(loops, args.rounds)
     shape = tuple(loops["ussbench fp32"].backbone.preprocess(batch.load_image(0)).shape[1:])
     print(f"\n{args.rounds} rounds over one batch of {len(batch)} {args.dataset} images of one size "
@@ -285,14 +289,14 @@ def main() -> None:
     report["rounds"], report["rounds_cpu"] = rates, cpu_rates
     backbone = loops["ussbench fp32"].backbone
     inputs = torch.stack([backbone.preprocess(batch.load_image(i)) for i in range(len(batch))])
-    print("\nwhere the time of one forward goes (torch profiler, CPU time / threads):\n")
+    print("\nwhere the time of one forward goes (torch profiler, self time of each op):\n")
     print("\n".join(breakdown(backbone, inputs)))
     best = {name: max(v) for name, v in rates.items()}
     best_cpu = {name: max(v) for name, v in cpu_rates.items()}
     if args.limit >= 0:
         n = args.limit or len(full)
         whole = Subset(full, list(range(min(n, len(full)))))
-        loops_full = make_loops(whole, state, args.batch_size, not args.no_inline)
+        loops_full = make_loops(whole, state, args.batch_size, not args.no_thread)
         rates_full, _ = measure(loops_full, 1)
         if args.before:
             rates_full[f"before: {args.before}"] = [before_checkout(args.before, args.dataset, len(whole))]

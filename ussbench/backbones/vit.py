@@ -265,7 +265,7 @@ class TimmViTBackbone(Backbone):
         ids = dataset.ids()
         out: list[ImageFeatures | None] = [None] * n
         items = prepared_images(
-            n, lambda i: self._prepare(dataset, i), workers=decode_workers(), ahead=self.batch_size
+            n, lambda i: self._prepare(dataset, i), workers=decode_workers(str(device)), ahead=self.batch_size
         )
         bar = tqdm(total=n, desc=f"features {self.plugin_name}", disable=not progress, unit="img")
         for batch in shape_batches(items, self.batch_size):
