@@ -2,8 +2,10 @@
 
 Every numeric library here brings its own pool (torch's OpenMP, faiss's separate OpenMP runtime and
 OpenBLAS, numpy's and scipy's OpenBLAS), each sized to the machine by default. They run one after the
-other, so sizing each to the usable CPUs uses them all without oversubscribing; what must never happen is
-a pool of ours running beside them at full size. An explicit user setting wins: ``USSBENCH_THREADS``, else
+other, so sizing the compute pools (torch, faiss) to the usable CPUs uses them all; numpy's and scipy's
+OpenBLAS get one thread, because their idle threads busy-wait after each call and slow down whatever runs
+next on the same cores (see :func:`configure_threads`); ussbench's own pools (decode threads, CRF
+processes) never run beside a full-size pool. An explicit user setting wins: ``USSBENCH_THREADS``, else
 ``OMP_NUM_THREADS``; without either, the CPUs this process may run on (its affinity mask, which
 ``taskset`` and container limits narrow).
 """
@@ -67,7 +69,8 @@ def crf_workers() -> int:
 
 
 def configure_threads(threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Size torch's, faiss's and the BLAS pools to ``threads`` (default :func:`run_threads`); returns the record.
+    """Size torch's and faiss's pools to ``threads`` (default :func:`run_threads`), numpy's BLAS to one; returns
+    the record.
 
     An explicit ``threads`` becomes the run's setting (``USSBENCH_THREADS``), so ussbench's own pools and
     worker processes follow it too. torch's inter-op pool is left alone (it can only be set before first
@@ -85,13 +88,32 @@ def configure_threads(threads: int | None = None, device: str = "cpu") -> dict[s
         faiss.omp_set_num_threads(n)
     except (ImportError, AttributeError):
         pass
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=n, user_api="blas")
-    except ImportError:
-        pass
+    _size_native_pools(n)
     return thread_record(device)
+
+
+def spinning_blas(lib) -> bool:
+    """Whether a threadpoolctl library controller is an OpenBLAS built on its own pthreads pool (numpy's,
+    scipy's), whose idle threads busy-wait after each call (OpenBLAS's thread timeout, ~0.1 s)."""
+    return lib.internal_api == "openblas" and getattr(lib, "threading_layer", None) == "pthreads"
+
+
+def _size_native_pools(n: int) -> None:
+    """OpenMP runtimes (torch's, faiss's) and faiss's OpenMP OpenBLAS get ``n`` threads; pthreads OpenBLAS 1.
+
+    Measured on 2 cores: a torch matmul right after a numpy one took 2.3x its time (105 vs 46 ms) and a
+    faiss k-means 11x (42 vs 3.7 ms), because numpy's OpenBLAS threads kept spinning on the cores; with that
+    pool at one thread nothing spins. ussbench's own numpy/scipy linear algebra is small (sklearn's k-means
+    limits BLAS to one thread inside its OpenMP loops anyway), so it loses little.
+    """
+    try:
+        import numpy  # noqa: F401  (load numpy's and scipy's BLAS, so that they are sized now)
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        lib.set_num_threads(1 if spinning_blas(lib) else n)
 
 
 def thread_record(device: str = "cpu") -> dict[str, Any]:
@@ -110,10 +132,11 @@ def thread_record(device: str = "cpu") -> dict[str, Any]:
 
 
 def _blas_threads() -> int | None:
-    """The largest thread count among the loaded BLAS libraries (None when threadpoolctl is missing)."""
+    """Threads of numpy's BLAS (the pthreads OpenBLAS pools; None when threadpoolctl or BLAS is missing)."""
     try:
-        from threadpoolctl import threadpool_info
+        from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
-    counts = [int(p.get("num_threads") or 0) for p in threadpool_info() if p.get("user_api") == "blas"]
-    return max(counts) if counts else None
+    counts = [lib.num_threads for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    spinning = [lib.num_threads for lib in ThreadpoolController().lib_controllers if spinning_blas(lib)]
+    return max(spinning or counts) if (spinning or counts) else None
