@@ -169,6 +169,7 @@ class TimmViTBackbone(Backbone):
 
     arch: str = ""
     timm_kwargs: dict[str, Any] = {}
+    version = "2"  # 2: precision auto by default (bf16 autocast on CPUs with native bf16)
 
     def __init__(
         self,
