@@ -218,3 +218,28 @@ def test_extract_batches_mixed_sizes_like_single_images(tmp_path):
         assert f.grid == tuple(alone["tokens"].shape[1:3])
         assert torch.allclose(f.tokens.float(), alone["tokens"][0], atol=2e-3)
         assert torch.allclose(f.keys.float(), alone["keys"][0], atol=2e-3)
+
+
+def test_features_node_key_holds_the_resolved_precision_and_version(tmp_path, toy_root, monkeypatch):
+    """The graph's features key changes with the precision the forward runs at and with the backbone's
+    version; 'auto' is keyed as what it resolves to on the grid's device."""
+    from tests.conftest import tiny_grid
+    from ussbench.backbones import precision as prec
+    from ussbench.config import load_grid
+    from ussbench.runner import plan_grid
+
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+
+    def features_key(precision: str) -> str:
+        folder = tmp_path / f"{precision}-{RandomViT.version}"
+        folder.mkdir()
+        backbone = {"name": "random_vit", "params": {"depth": 2, "resolution": 32, "precision": precision}}
+        plan, rt = plan_grid(load_grid(tiny_grid(folder, toy_root, backbones=[backbone])))
+        [node] = [n for n in plan.graph if n.kind == "features"]
+        assert rt.backbone(node.stage.backbone).device == "cpu"  # the grid's device, injected by the runtime
+        return node.key
+
+    keys = {p: features_key(p) for p in ("fp32", "bf16", "auto")}
+    assert keys["fp32"] != keys["bf16"] and keys["auto"] == keys["bf16"]
+    monkeypatch.setattr(RandomViT, "version", RandomViT.version + "-next")
+    assert features_key("bf16") != keys["bf16"]

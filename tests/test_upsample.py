@@ -51,7 +51,7 @@ def test_histogram_counts_equal_pixel_by_pixel_counts(seed):
         slow.update(pred, labels[i])
         reference_panels[str(i)] = pred.astype(np.int16)
     fast = ConfusionMatrix(n_pred, n_classes)
-    panels = evaluate_nearest(fast, segments, fg, assigned, k_dc, labels, HistogramMemo(), "k", {0, 3})
+    panels = evaluate_nearest(fast, segments, fg, assigned, k_dc, HistogramMemo(labels), {0, 3})
     np.testing.assert_array_equal(fast.counts, slow.counts)
     assert fast.counts.sum() == sum(int((lab >= 0).sum()) for lab in labels)
     assert set(panels) == {"0", "3"}
@@ -88,14 +88,14 @@ def test_out_of_range_labels_and_predictions_fail_clearly():
         grid_confusion(torch.tensor([0, 1, 0]), hist, 2)
 
 
-def test_memo_reuses_histograms_per_key_and_grid():
+def test_memo_reuses_histograms_per_grid_and_mapping():
     labels = [np.zeros((8, 8), dtype=np.int64)]
-    memo = HistogramMemo(size=2)
-    a = memo.get("features-a", labels, [(2, 2)], 2)
-    assert memo.get("features-a", labels, [(2, 2)], 2) is a
-    assert memo.get("features-a", labels, [(4, 4)], 2) is not a  # another grid: another histogram
-    memo.get("features-b", labels, [(2, 2)], 2)
-    assert memo.get("features-a", labels, [(2, 2)], 2) is not a  # evicted (size 2)
+    memo = HistogramMemo(labels, size=2)
+    a = memo.get([(2, 2)], 2)
+    assert memo.get([(2, 2)], 2) is a
+    assert memo.get([(4, 4)], 2) is not a  # another grid: another histogram
+    memo.get([(2, 2)], 2, mapping="interpolate")
+    assert memo.get([(2, 2)], 2) is not a  # evicted (size 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -117,8 +117,48 @@ def test_cell_nfcovering_equals_pixel_nfcovering(seed):
         num_classes = 6
 
     expected = segment_covering(segments, labels, Data, "msrc_v2")
-    got = segment_covering_cells(segments, labels, Data, "msrc_v2", HistogramMemo(), "k")
+    got = segment_covering_cells(segments, Data, "msrc_v2", HistogramMemo(labels))
     assert set(got) == set(expected) == {"nfcov", "nfcov_l0", "nfcov_l1"}
     for key in expected:
         assert got[key] == pytest.approx(expected[key], abs=1e-9)
-    assert segment_covering_cells(segments, labels, Data, "unknown", HistogramMemo(), "k") == {}
+    assert segment_covering_cells(segments, Data, "unknown", HistogramMemo(labels)) == {}
+
+
+def test_grid_cells_score_the_same_with_and_without_the_histograms(
+    tmp_path, toy_root, monkeypatch, one_thread
+):
+    """The stage graph's evaluation and NFCovering from the histograms node give the pixel path's records."""
+    import ussbench.evaluation.upsample as upsample
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.graph import stages
+    from ussbench.graph.evaluation import segment_covering
+    from ussbench.runner import load_cells, run_grid
+
+    def run(name: str) -> dict[str, dict]:
+        (tmp_path / name).mkdir()
+        grid = load_grid(tiny_grid(tmp_path / name, toy_root, dataset_clusterers=["kmeans"]))
+        run_grid(grid, progress=False, report=False)
+        return {(r["row"]["image_clusterer"], r["row"]["seed"]): r for r in load_cells(grid.output)}
+
+    calls = []
+    counter = upsample.nearest_counter
+    monkeypatch.setattr(stages, "nearest_counter", lambda *a: calls.append(1) or counter(*a))
+    fast = run("fast")
+    assert (
+        len(calls) == len(fast) == 4
+    )  # every cell (segment-based, no post-processing) took the histogram path
+    monkeypatch.setattr(stages, "nearest_counter", lambda *a: None)  # the pixel-by-pixel loop
+    monkeypatch.setattr(stages, "segment_covering_cells",
+                        lambda segments, dataset, name, memo: segment_covering(segments, memo.labels, dataset, name))  # fmt: skip
+    slow = run("slow")
+    assert fast.keys() == slow.keys()
+    for key, record in fast.items():
+        assert record["confusion"] == slow[key]["confusion"]
+        assert sum(map(sum, record["confusion"])) > 0
+        for field in ("miou", "pixel_accuracy", "n_pixels"):
+            assert record["row"][field] == slow[key]["row"][field]
+        nfcov = {k: v for k, v in record["row"].items() if k.startswith("nfcov")}
+        assert nfcov.keys() == {k for k in slow[key]["row"] if k.startswith("nfcov")}
+        for k, v in nfcov.items():
+            assert v == pytest.approx(slow[key]["row"][k], abs=1e-9)

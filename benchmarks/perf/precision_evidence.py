@@ -25,13 +25,14 @@ sys.path.insert(0, str(ROOT))
 
 from ussbench.base import FeatureSet  # noqa: E402
 from ussbench.reports.machine_limits import describe_machine, load_average  # noqa: E402
+from ussbench.serialization import safe_load  # noqa: E402
 
 
 def stored_features(cache: Path) -> list[FeatureSet]:
     """Every FeatureSet stored in a cache folder (whatever the key layout)."""
     out = []
     for path in sorted((cache / "features").glob("*.pt")):
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = safe_load(path)  # pickle-free (ussbench.serialization)
         if isinstance(obj, dict):
             obj = next((v for v in obj.values() if isinstance(v, FeatureSet)), None)
         if isinstance(obj, FeatureSet):

@@ -11,7 +11,7 @@ segments), at a small fraction of the cost.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -61,13 +61,12 @@ def nf_covering_cells(maps: Sequence[torch.Tensor], hist: CellHistograms, foregr
 
 def segment_covering_cells(
     segments: list[Segmentation],
-    labels: list[np.ndarray],
     dataset: Dataset,
     dataset_name: str,
     memo: HistogramMemo,
-    key: Hashable,
 ) -> dict[str, float]:
-    """The pipeline's ``segment_covering`` (``nfcov`` and ``nfcov_<level>`` in %) from cell histograms."""
+    """The evaluation's ``segment_covering`` (``nfcov`` and ``nfcov_<level>`` in %) from the cell histograms
+    of ``memo`` (the split's labels)."""
     from .nfcovering import BACKGROUND_CLASSES, foreground_classes
 
     try:
@@ -79,7 +78,7 @@ def segment_covering_cells(
     n_classes = dataset.num_classes
 
     def score(maps: list[torch.Tensor]) -> float:
-        hist = memo.get(key, labels, [tuple(m.shape) for m in maps], n_classes, mapping="interpolate")
+        hist = memo.get([tuple(m.shape) for m in maps], n_classes, mapping="interpolate")
         return nf_covering_cells(maps, hist, foreground) * 100.0
 
     out = {"nfcov": score([s.segment_map for s in segments])}

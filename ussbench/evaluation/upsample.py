@@ -11,8 +11,9 @@ about 180 times fewer elements than pixels for DINOv2 ViT-S/14 on MSRC-v2 — wi
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,26 +149,27 @@ def segment_cell_labels(
 
 
 class HistogramMemo:
-    """The cell histograms of the last few (labels, grids) pairs a run evaluated on, keyed by the caller."""
+    """The cell histograms of one split's label maps, per (grids, classes, mapping), the last few kept.
 
-    def __init__(self, size: int = 4):
+    One memo serves every cell evaluated on the same labels (the stage graph shares it as a node), so each
+    histogram is computed once per grid of patch cells and mapping, not once per cell.
+    """
+
+    def __init__(self, labels: Sequence[np.ndarray], size: int = 4):
+        self.labels = labels
         self.size = size
         self._entries: OrderedDict[Hashable, CellHistograms] = OrderedDict()
 
     def get(
-        self,
-        key: Hashable,
-        labels: Sequence[np.ndarray],
-        grids: Sequence[tuple[int, int]],
-        n_classes: int,
-        mapping: str = "centre",
+        self, grids: Sequence[tuple[int, int]], n_classes: int, mapping: str = "centre"
     ) -> CellHistograms:
-        full_key = (key, tuple(tuple(int(v) for v in g) for g in grids), n_classes, mapping)
-        if full_key in self._entries:
-            self._entries.move_to_end(full_key)
-            return self._entries[full_key]
-        hist = cell_histograms(labels, grids, n_classes, mapping)
-        self._entries[full_key] = hist
+        """The histograms of the memo's labels on ``grids`` (computed on first use)."""
+        key = (tuple(tuple(int(v) for v in g) for g in grids), n_classes, mapping)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        hist = cell_histograms(self.labels, grids, n_classes, mapping)
+        self._entries[key] = hist
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return hist
@@ -179,9 +181,7 @@ def evaluate_nearest(
     fg_masks: Sequence[torch.Tensor],
     assigned: torch.Tensor,
     k_dc: int,
-    labels: Sequence[np.ndarray],
     memo: HistogramMemo,
-    key: Hashable,
     panel_ids: set[int],
 ) -> dict[str, np.ndarray]:
     """Fill ``conf`` (a ConfusionMatrix) with a segment-based cell's exact counts; returns the panel arrays.
@@ -189,9 +189,10 @@ def evaluate_nearest(
     Equivalent to upsampling every image's segment labels nearest and counting pixel by pixel, as
     :func:`upsample_nearest` and ``ConfusionMatrix.update`` do, at the cost of one pass over the cells.
     """
+    labels = memo.labels
     maps = [s.segment_map for s in segments]
     grids = [tuple(m.shape) for m in maps]
-    hist = memo.get(key, labels, grids, conf.n_classes)
+    hist = memo.get(grids, conf.n_classes)
     cells = segment_cell_labels(maps, fg_masks, assigned, k_dc)
     total, per_image = grid_confusion(cells, hist, conf.n_clusters)
     from_per_image = getattr(type(conf), "from_per_image", None)
@@ -205,3 +206,15 @@ def evaluate_nearest(
         grid_labels = cells[start : start + grids[i][0] * grids[i][1]].reshape(grids[i]).numpy()
         panels[str(i)] = upsample_nearest(grid_labels, labels[i].shape).astype(np.int16)
     return panels
+
+
+def nearest_counter(
+    segments: Sequence,
+    fg_masks: Sequence[torch.Tensor],
+    assigned: torch.Tensor,
+    k_dc: int,
+    memo: HistogramMemo,
+) -> Callable[[Any, set[int]], dict[str, np.ndarray]]:
+    """The counting step of a segment-based cell's evaluation without post-processing, for the evaluation
+    stage: ``(conf, panel_ids) -> panels``, the exact counts of :func:`evaluate_nearest`."""
+    return lambda conf, panel_ids: evaluate_nearest(conf, segments, fg_masks, assigned, k_dc, memo, panel_ids)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
+from ..determinism import ThreadInvariantLayerNorm as LayerNorm  # same numbers with 1 or N threads
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
@@ -51,7 +52,7 @@ class UpdateStep(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.mix = nn.MultiheadAttention(dim, n_heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def forward(self, p: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """p (B, N, C) prototypes; k, v (B, heads, P, C / heads) the pixels' keys and values."""
@@ -74,7 +75,7 @@ class ConceptGenerator(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
-        self.memory_norm = nn.LayerNorm(dim)
+        self.memory_norm = LayerNorm(dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.steps = nn.ModuleList(UpdateStep(dim, n_heads, ffn_dim) for _ in range(n_rounds))
 
@@ -147,7 +148,7 @@ def modularity_loss(x: torch.Tensor, S: torch.Tensor, intensity: str = "max") ->
 class AdaptiveConceptGenerator(ImageClusterer):
     """ACSeg's adaptive concept generator: attention-updated prototypes, modularity loss, adaptive #segments."""
 
-    version = "2"  # 2: centre_features
+    version = "3"  # 2: centre_features; 3: thread-invariant LayerNorm gradients
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
     def __init__(

@@ -17,8 +17,8 @@ bound of the work, so its fraction is an upper bound too (a stage flagged below 
 | k-means (torch, sklearn) | the same, iterations at their maximum (<=) |
 | OTC | iterations x (2NKD cost matrix + Sinkhorn iterations x 4NK) (<= with a tolerance) |
 | ABC | epochs x 3 (forward + backward) x N x the network's FLOPs per vector |
-| evaluation (nearest) | one pass over the per-patch class histograms (int64) |
-| NFCovering | one pass per segment map over the labels (int16) and the upsampled segment map (int64) |
+| evaluation (nearest) | one pass over the per-patch class histograms (int64; built once per split and grid) |
+| NFCovering | one pass per segment map over the per-patch class histograms (int64) |
 
 Stages without a model (learners, ACG, HSG groups, crop-CLS segment vectors) show seconds only.
 :func:`profile_footer` renders the report footer from ``profile.json`` (written by
@@ -78,6 +78,18 @@ def vit_gflops(
         )
         total += depth * per_block + 2 * n * channels * patch * patch * dim
     return total / 1e9
+
+
+def perf_row_facts(features: Any, segments: list, device: str = "cpu") -> dict[str, Any]:
+    """A cell row's facts for the profile: :func:`work_facts` (segment vector width from ``segments``) and
+    the sizes of ussbench's own pools (decode threads, CRF processes); the numeric libraries' thread counts
+    are recorded beside them by :func:`ussbench.graph.machine.row_machine_facts`."""
+    from ..threads import crf_workers, decode_workers
+
+    vectors = segments[0].vectors if segments else None
+    facts = work_facts(features, vectors)
+    facts.update(threads_decode=decode_workers(device), threads_crf=crf_workers())
+    return facts
 
 
 # -- the models ---------------------------------------------------------------------------------------------
@@ -171,11 +183,13 @@ def _evaluation(row: dict[str, Any], cell: dict[str, Any]) -> Work | None:
 
 
 def _nfcovering(row: dict[str, Any], cell: dict[str, Any]) -> Work | None:
-    pixels = row.get("n_pixels")
-    if not pixels or not row.get("time_nfcov_s") or row.get("nfcov") is None:
+    n, classes = row.get("n_tokens"), len(cell.get("class_names") or [])
+    if not n or not classes or not row.get("time_nfcov_s") or row.get("nfcov") is None:
         return None
     maps = 1 + sum(1 for key in row if key.startswith("nfcov_"))
-    return Work(pixels * maps * 10 / 1e9, "GB", "=", f"{maps} segment map(s) x (labels + upsampled map)")
+    return Work(
+        n * classes * maps * 8 / 1e9, "GB", "=", f"{maps} segment map(s) x per-patch class histograms"
+    )
 
 
 MODELS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Work | None]] = {
