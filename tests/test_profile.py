@@ -37,7 +37,7 @@ def cell(cid, ic, dc, seed, t_feat=10.0, t_ic=4.0, t_dc=1.0):
            "tokens_sq": 1000 * 100.0, "tokens_cube": 1000 * 1e4, "embed_dim": 64, "vector_dim": 64,
            "n_segments": 500, "n_clusters": 5, "n_pixels": 10**6, "upsample": "nearest_labels",
            "time_features_s": t_feat, "time_image_clusterer_s": t_ic, "time_dataset_clusterer_s": t_dc,
-           "time_eval_s": 0.1, "time_nfcov_s": 0.0}  # fmt: skip
+           "time_eval_s": 0.1, "time_nfcov_s": 0.5}  # fmt: skip
     params = {"image_clusterer": {"name": "kmeans_per_image", "params": {"n_segments": 8, "n_init": 1, "max_iter": 10}},
               "dataset_clusterer": {"name": "kmeans", "params": {"n_clusters": 5, "n_init": 2, "max_iter": 10}}}  # fmt: skip
     return {"row": row, "params": params, "class_names": ["a", "b", "c"]}
@@ -51,6 +51,7 @@ def test_shared_stages_count_once_and_fractions_use_the_limits(tmp_path):
     assert stages.count(("features", "c1")) == 1 and ("features", "c2") not in stages  # one extraction
     assert ("image_clusterer", "c3") in stages and ("image_clusterer", "c2") not in stages  # per seed
     assert sum(1 for s, _ in stages if s == "dataset_clusterer") == 3  # every cell
+    assert [c for s, c in stages if s == "nfcovering"] == ["c1", "c3"]  # one per segmentation (graph node)
     feat = next(r for r in records if r["stage"] == "features")
     assert feat["rate"] == 10.0 and feat["fraction"] == 0.1  # 100 GFLOP in 10 s on a 100 GFLOP/s machine
     km = next(r for r in records if r["stage"] == "dataset_clusterer" and r["cell_id"] == "c1")

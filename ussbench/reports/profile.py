@@ -223,8 +223,8 @@ def shared_key(row: dict[str, Any], stage: str) -> tuple:
         return ("features", *base)
     if stage == "feature_learner":
         return ("learner", *base, row.get("feature_learner"), row.get("seed"))
-    if stage == "image_clusterer":
-        return ("segments", *base, row.get("feature_learner"), row.get("image_clusterer"), row.get("seed"))
+    if stage in ("image_clusterer", "nfcovering"):  # NFCovering: one graph node per segmentation
+        return (stage, *base, row.get("feature_learner"), row.get("image_clusterer"), row.get("seed"))
     return ("cell", row.get("cell_id"), stage)
 
 
