@@ -26,6 +26,7 @@ from .graph.machine import environment_info
 from .graph.plan import Plan, plan_cells
 from .graph.records import CellStore, load_cells, load_failed
 from .graph.runtime import RunSettings, Runtime
+from .threads import configure_threads, crf_workers
 
 log = logging.getLogger(__name__)
 _STAGE_KEY_OF = {kind: key for key, kind in STAGE_KEYS.items()}
@@ -92,7 +93,8 @@ def _validation_injections(entry: StageEntry, grid: Grid) -> dict[str, Any]:
 def run_settings(grid: Grid, device: torch.device, progress: bool) -> RunSettings:
     """What every process computing this grid's nodes needs to know."""
     return RunSettings(device=str(device), protocol=grid.protocol, data_root=grid.data_root,
-                       cache_root=str(grid.cache_dir), progress=progress, plugin_modules=tuple(grid.plugins),
+                       cache_root=str(grid.cache_dir), progress=progress, crf_workers=crf_workers(),
+                       plugin_modules=tuple(grid.plugins),
                        plugin_base_dir=str(Path.cwd()))  # fmt: skip
 
 
@@ -105,6 +107,8 @@ def plan_grid(
     """
     validate_grid(grid)
     device = resolve_device(grid.device)
+    # one thread policy for torch, faiss/OpenMP and BLAS (ussbench.threads)
+    configure_threads(device=str(device))
     cells = expand_cells(grid)
     if limit_cells is not None:
         cells = cells[:limit_cells]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..registry import register
+from .precision import Precision
 from .vit import TimmViTBackbone, file_sha256, load_official_state_dict
 
 
@@ -17,9 +18,15 @@ class FileViTBackbone(TimmViTBackbone):
     """A timm ViT whose weights come from a local checkpoint file in the official layout."""
 
     def __init__(
-        self, weights: str, resolution: int = 224, batch_size: int = 32, cache_dir: str | None = None
+        self,
+        weights: str,
+        resolution: int = 224,
+        batch_size: int = 32,
+        cache_dir: str | None = None,
+        precision: Precision = "auto",
+        device: str = "auto",
     ):
-        super().__init__(resolution=resolution, batch_size=batch_size, cache_dir=cache_dir)
+        super().__init__(resolution, batch_size, cache_dir, precision, device)
         self.weights = weights
         self._sha: str | None = None
 
@@ -36,6 +43,7 @@ class FileViTBackbone(TimmViTBackbone):
 
     def check(self) -> None:
         """Fail before any work if the weights file is missing."""
+        super().check()
         self.weights_identity()
 
 
@@ -86,7 +94,10 @@ DinoV2ViTB14 = _file_backbone(
 
 @register("backbone", "random_vit")
 class RandomViT(TimmViTBackbone):
-    """Randomly initialised timm ViT of a given architecture (tests and smoke runs; no weights needed)."""
+    """Randomly initialised timm ViT of a given architecture (tests and smoke runs; no weights needed).
+
+    Its precision defaults to fp32 (not auto), so that tests compute the same numbers on every CPU.
+    """
 
     def __init__(
         self,
@@ -96,8 +107,10 @@ class RandomViT(TimmViTBackbone):
         batch_size: int = 32,
         cache_dir: str | None = None,
         depth: int | None = None,
+        precision: Precision = "fp32",
+        device: str = "auto",
     ):
-        super().__init__(resolution=resolution, batch_size=batch_size, cache_dir=cache_dir)
+        super().__init__(resolution, batch_size, cache_dir, precision, device)
         self.arch = arch
         self.seed = seed
         self.depth = depth

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..registry import register
+from .precision import Precision
 from .vit import TimmViTBackbone, file_sha256
 
 
@@ -33,8 +34,10 @@ class DinoV2ImgFocus(TimmViTBackbone):
         batch_size: int = 32,
         cache_dir: str | None = None,
         weights: str | None = None,
+        precision: Precision = "auto",
+        device: str = "auto",
     ):
-        super().__init__(resolution=resolution, batch_size=batch_size, cache_dir=cache_dir)
+        super().__init__(resolution, batch_size, cache_dir, precision, device)
         self.weights = weights
         self._path: Path | None = None
         self._sha: str | None = None
@@ -70,4 +73,5 @@ class DinoV2ImgFocus(TimmViTBackbone):
 
     def check(self) -> None:
         """Fail before any work if the package/ONNX file is missing (converting it if needed)."""
+        super().check()
         self._weights_path()

@@ -7,29 +7,38 @@ False, no antialias), once per grid size; this is the one interpolation ussbench
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..base import Backbone, Dataset, FeatureSet, ImageFeatures
 from ..errors import BackboneWeightsError
+from ..reports.profile import vit_gflops
+from ..threads import decode_workers
+from .loader import Prepared, prepared_images, shape_batches
+from .precision import Precision, autocast, resolve_precision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ViTExtractor(torch.nn.Module):
-    """Wraps a timm VisionTransformer and returns every output the USS stages use in one forward."""
+    """Wraps a timm VisionTransformer and returns every output the USS stages use from one forward pass.
 
-    def __init__(self, vit: torch.nn.Module):
+    The last block runs once, as timm runs it; a hook on its ``attn.qkv`` keeps that projection's output,
+    from which the keys and the CLS attention row are read (no second pass over the last block).
+    ``precision`` ('fp32' or 'bf16', see :mod:`ussbench.backbones.precision`) sets the autocast of every
+    forward; the backbone plugin sets it from its ``precision`` parameter.
+    """
+
+    def __init__(self, vit: torch.nn.Module, precision: str = "fp32"):
         super().__init__()
         self.vit = vit
+        self.precision = precision
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.num_heads = int(vit.blocks[-1].attn.num_heads)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -50,33 +59,49 @@ class ViTExtractor(torch.nn.Module):
             self._pos_cache[key] = torch.cat([cls_pos, patch_pos], dim=1)
         return self._pos_cache[key]
 
+    def autocast(self, device: torch.device | None = None):
+        """The autocast context this extractor's forwards run under (for callers that run its blocks)."""
+        device = device if device is not None else self.vit.pos_embed.device
+        return autocast(device, self.precision)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W), H and W multiples of the patch size -> dict of (B, ...) outputs."""
+        """images (B, 3, H, W), H and W multiples of the patch size -> dict of (B, ...) outputs.
+
+        tokens (B, h, w, C) after the final norm; keys (B, h, w, C) of the last block, heads concatenated;
+        cls (B, C); attn (B, heads, h, w): the last block's attention of CLS to the patches (float32).
+        """
         B, _, H, W = images.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
         vit = self.vit
-        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # B, hw, C
-        if getattr(vit.patch_embed, "norm", None) is not None:
-            x = vit.patch_embed.norm(x)
-        x = torch.cat([vit.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
-        x = x + self._pos_embed(h, w).to(x.dtype)
-        x = vit.norm_pre(vit.pos_drop(x))
-        for blk in vit.blocks[:-1]:
-            x = blk(x)
-        last = vit.blocks[-1]
-        attn = last.attn
-        qkv = attn.qkv(last.norm1(x)).reshape(B, x.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # B, heads, N, hd
-        cls_attn = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, 1:]  # B, heads, hw
-        x = vit.norm(last(x))
-        C = x.shape[-1]
+        attn = vit.blocks[-1].attn
+        captured: list[torch.Tensor] = []
+        hook = attn.qkv.register_forward_hook(lambda _module, _args, out: captured.append(out))
+        try:
+            with autocast(images.device, self.precision):
+                x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # B, hw, C
+                if getattr(vit.patch_embed, "norm", None) is not None:
+                    x = vit.patch_embed.norm(x)
+                x = torch.cat([vit.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+                x = x + self._pos_embed(h, w).to(x.dtype)
+                x = vit.norm_pre(vit.pos_drop(x))
+                for blk in vit.blocks:
+                    x = blk(x)
+                x = vit.norm(x)
+        finally:
+            hook.remove()
+        N, C = x.shape[1], x.shape[2]
+        qkv = captured[-1].reshape(B, N, 3, attn.num_heads, -1)
+        q = attn.q_norm(qkv[:, :, 0].transpose(1, 2))  # B, heads, N, hd
+        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+        scores = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)  # B, heads, 1, N
+        cls_attn = scores.softmax(-1)[:, :, 0, 1:]
         return {
             "tokens": x[:, 1:].reshape(B, h, w, C),
-            "keys": k[:, :, 1:].permute(0, 2, 1, 3).reshape(B, h, w, -1),
+            "keys": k[:, :, 1:].transpose(1, 2).reshape(B, h, w, -1),
             "cls": x[:, 0],
             "attn": cls_attn.reshape(B, attn.num_heads, h, w),
         }
@@ -135,15 +160,30 @@ def load_official_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 class TimmViTBackbone(Backbone):
-    """Base for frozen timm ViTs; subclasses choose the architecture and where the weights come from."""
+    """Base for frozen timm ViTs; subclasses choose the architecture and where the weights come from.
+
+    ``precision``: 'auto' (bf16 autocast where the device computes bf16 natively, else fp32), 'fp32' or
+    'bf16'; ``device``: where the features will be computed ('auto': CUDA if available), injected by the
+    runner so that the resolved precision is known for the cache key before any work.
+    """
 
     arch: str = ""
     timm_kwargs: dict[str, Any] = {}
+    version = "2"  # 2: precision auto by default (bf16 autocast on CPUs with native bf16)
 
-    def __init__(self, resolution: int = 224, batch_size: int = 32, cache_dir: str | None = None):
+    def __init__(
+        self,
+        resolution: int = 224,
+        batch_size: int = 32,
+        cache_dir: str | None = None,
+        precision: Precision = "auto",
+        device: str = "auto",
+    ):
         self.resolution = resolution
         self.batch_size = batch_size
         self.cache_dir = cache_dir
+        self.precision = precision
+        self.device = device
         self._model: ViTExtractor | None = None
         self._device: torch.device | None = None
 
@@ -157,6 +197,8 @@ class TimmViTBackbone(Backbone):
         raise NotImplementedError
 
     def _build(self) -> ViTExtractor:
+        import timm  # imported when a network is built: importing timm (and torchvision) costs seconds
+
         vit = timm.create_model(self.arch, pretrained=False, num_classes=0, **self.timm_kwargs)
         state = self.state_dict_for_model()
         if state is not None:
@@ -176,6 +218,10 @@ class TimmViTBackbone(Backbone):
     def _arch_patch(self) -> int:
         return int(self.arch.split("patch")[1].split("_")[0])
 
+    def resolved_precision(self, device: torch.device | str | None = None) -> str:
+        """'fp32' or 'bf16': the ``precision`` parameter resolved for ``device`` (default: the ``device`` param)."""
+        return resolve_precision(self.precision, self.device if device is None else device)
+
     def model(self, device: torch.device) -> ViTExtractor:
         if self._model is None:
             self._model = self._build()
@@ -183,6 +229,7 @@ class TimmViTBackbone(Backbone):
             self._model = self._model.to(device)
             self._model._pos_cache.clear()
             self._device = device
+        self._model.precision = self.resolved_precision(device)
         return self._model
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -190,45 +237,65 @@ class TimmViTBackbone(Backbone):
             image, target_size(image.shape[0], image.shape[1], self.resolution, self._arch_patch())
         )
 
+    def check(self) -> None:
+        """Fail before any work on a precision that is not one of auto, fp32, bf16."""
+        self.resolved_precision()
+
     def cache_identity(self) -> dict[str, Any]:
         ident = super().cache_identity()
-        ident["params"] = {k: v for k, v in ident["params"].items() if k not in ("batch_size", "cache_dir")}
+        ident["params"] = {
+            k: v for k, v in ident["params"].items() if k not in ("batch_size", "cache_dir", "device")
+        }
+        ident["params"]["precision"] = self.resolved_precision()
         ident["weights"] = self.weights_identity()
         ident["arch"] = self.arch
         return ident
 
+    def _prepare(self, dataset: Dataset, index: int) -> Prepared:
+        image = dataset.load_image(index)
+        return Prepared(index, self.preprocess(image), (int(image.shape[0]), int(image.shape[1])))
+
     def extract(self, dataset: Dataset, device: torch.device, progress: bool = True) -> FeatureSet:
+        """Features of every image: one forward per batch of equally sized images, decoding ahead in threads.
+
+        Outputs are converted to float16 once per batch; each image's tensors are views of its batch's.
+        """
+        device = torch.device(device)
         model = self.model(device)
         n = len(dataset)
-        images = [dataset.load_image(i) for i in range(n)]
         ids = dataset.ids()
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, im in enumerate(images):
-            groups[target_size(im.shape[0], im.shape[1], self.resolution, self._arch_patch())].append(i)
         out: list[ImageFeatures | None] = [None] * n
-        use_amp = device.type == "cuda"
+        items = prepared_images(
+            n, lambda i: self._prepare(dataset, i), workers=decode_workers(str(device)), ahead=self.batch_size
+        )
         bar = tqdm(total=n, desc=f"features {self.plugin_name}", disable=not progress, unit="img")
-        for size, members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                batch = torch.stack([normalise(images[i], size) for i in chunk]).to(device)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    res = model(batch)
-                for j, i in enumerate(chunk):
-                    out[i] = ImageFeatures(
-                        image_id=ids[i],
-                        tokens=res["tokens"][j].to("cpu", torch.float16),
-                        keys=res["keys"][j].to("cpu", torch.float16),
-                        cls=res["cls"][j].to("cpu", torch.float16),
-                        attn=res["attn"][j].to("cpu", torch.float16),
-                        image_size=(int(images[i].shape[0]), int(images[i].shape[1])),
-                    )
-                bar.update(len(chunk))
+        for batch in shape_batches(items, self.batch_size):
+            x = torch.stack([item.input for item in batch]).to(device, non_blocking=True)
+            res = {k: v.to("cpu", torch.float16) for k, v in model(x).items()}
+            for j, item in enumerate(batch):
+                out[item.index] = ImageFeatures(
+                    image_id=ids[item.index],
+                    tokens=res["tokens"][j],
+                    keys=res["keys"][j],
+                    cls=res["cls"][j],
+                    attn=res["attn"][j],
+                    image_size=item.image_size,
+                )
+            bar.update(len(batch))
         bar.close()
+        images = [f for f in out if f is not None]
+        vit = model.vit
+        gflops = vit_gflops([f.grid[0] * f.grid[1] for f in images], int(vit.embed_dim), len(vit.blocks),
+                            int(vit.blocks[0].mlp.fc1.out_features), self._arch_patch())  # fmt: skip
         return FeatureSet(
-            images=[f for f in out if f is not None],
+            images=images,
             backbone=self.report_name or self.plugin_name,
             patch_size=self._arch_patch(),
-            embed_dim=int(out[0].tokens.shape[-1]) if out and out[0] is not None else 0,
-            meta={"resolution": self.resolution, "arch": self.arch},
+            embed_dim=int(images[0].tokens.shape[-1]) if images else 0,
+            meta={
+                "resolution": self.resolution,
+                "arch": self.arch,
+                "precision": model.precision,
+                "gflops": gflops,
+            },
         )

@@ -150,6 +150,7 @@ class EvaluationSetup:
     postprocess: Any | None  # a PostProcess plugin, or None
     progress: bool = True
     crf_workers: int | None = None
+    counts: Callable[[ConfusionMatrix, set[int]], dict[str, np.ndarray]] | None = None  # exact nearest counts
 
 
 def evaluate_predictions(setup: EvaluationSetup, pixels: Iterable[Prediction]) -> dict[str, Any]:
@@ -178,10 +179,14 @@ def evaluate_predictions(setup: EvaluationSetup, pixels: Iterable[Prediction]) -
         row["protocol_crf"], row["time_crf_s"] = protocol_crf(setup, progress, finish)
     else:
         post = setup.postprocess
-        for i, pred, _ in progress:
-            if post is not None:
-                pred = post.apply(setup.dataset.load_image(i), pred, setup.n_pred)
-            finish(i, pred)
+        if post is None and setup.counts is not None:  # from per-patch label histograms, no pixel pass (perf)
+            panels.update(setup.counts(conf, panel_ids))
+            progress.close()
+        else:
+            for i, pred, _ in progress:
+                if post is not None:
+                    pred = post.apply(setup.dataset.load_image(i), pred, setup.n_pred)
+                finish(i, pred)
     matching, objective = setup.protocol["matching"], setup.protocol["objective"]
     scores = evaluate_counts(conf.counts, matching, objective)
     if conf_no_crf is not None:  # its own Hungarian, as the reference reports the two numbers

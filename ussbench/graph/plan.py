@@ -17,6 +17,7 @@ from ..cache import stable_hash
 from ..config import StageEntry
 from ..fingerprint import DigestStore, dataset_fingerprint, param_files_fingerprint
 from .cells import Cell, build_plugin, plugin_identity, plugin_version
+from .histograms import HistogramsStage
 from .nodes import Graph, Node, Resources
 from .runtime import Runtime
 from .stages import (
@@ -151,9 +152,14 @@ class Planner:
                             "seed": cell.seed, "k_total": k_total})  # fmt: skip
         assignment = graph.add(Node(akey, AssignmentStage(dc_entry, k_total, cell.seed, self.light, cell),
                                     {"segments": segments}))  # fmt: skip
+        hist = graph.add(
+            Node(stable_hash({"histograms": labels.key}), HistogramsStage(self.light), {"labels": labels})
+        )
         covering = graph.add(Node(stable_hash({"covering": skey, "labels": labels.key}),
-                                  CoveringStage(ds_entry, self.light), {"segments": segments, "labels": labels}))  # fmt: skip
-        eval_inputs = {"features": features, "segments": segments, "assignment": assignment, "labels": labels}
+                                  CoveringStage(ds_entry, self.light), {"segments": segments, "labels": labels,
+                                                                        "histograms": hist}))  # fmt: skip
+        eval_inputs = {"features": features, "segments": segments, "assignment": assignment, "labels": labels,
+                       "histograms": hist}  # fmt: skip
         if learned is not None:
             eval_inputs["learned"] = learned
         if bilinear and spec.flip_tta and flipped is not None:

@@ -81,5 +81,8 @@ class Runtime:
         key = stable_hash(entry.identity())
         if key not in self._backbones:
             root = self.settings.cache_root
-            self._backbones[key] = build_plugin(entry, {"cache_dir": str(root)} if root else {})
+            injected = {"device": self.settings.device}  # precision 'auto' resolves for it (features key)
+            if root:
+                injected["cache_dir"] = str(root)
+            self._backbones[key] = build_plugin(entry, injected)
         return self._backbones[key]

@@ -16,9 +16,12 @@ import torch
 from ..base import FeatureSet, Segmentation, StageContext
 from ..config import StageEntry
 from ..errors import ConfigError
+from ..evaluation.cell_covering import segment_covering_cells
+from ..evaluation.upsample import nearest_counter
 from ..feature_learners import records as learner_records
 from ..image_clusterers._common import pick_feature
 from ..limits import fit_clusters_to_vectors
+from ..reports.profile import perf_row_facts
 from .cells import Cell, build_params_for_record, build_plugin
 from .evaluation import (
     EvaluationSetup,
@@ -191,6 +194,9 @@ class CoveringStage(Stage):
 
     def compute(self, inputs: Inputs, rt: Runtime) -> dict[str, float]:
         segments = inputs["segments"]["segments"]
+        if "histograms" in inputs.values:  # the same numbers from per-patch label histograms (perf)
+            return segment_covering_cells(segments, rt.dataset(self.dataset), self.dataset.name,
+                                          inputs["histograms"])  # fmt: skip
         return segment_covering(segments, inputs["labels"], rt.dataset(self.dataset), self.dataset.name)
 
     def describe(self) -> str:
@@ -243,6 +249,9 @@ class EvaluationStage(Stage):
             )
         setup = EvaluationSetup(spec, rt.protocol, dataset, labels, n_pred, post, rt.progress,
                                 rt.settings.crf_workers)  # fmt: skip
+        if not self.bilinear and "histograms" in inputs.values:  # exact counts without upsampling (perf)
+            setup.counts = nearest_counter(segments, fg_masks, assignment["assigned"], assignment["k_dc"],
+                                           inputs["histograms"])  # fmt: skip
         result = evaluate_predictions(setup, pixels)
         result["row"] = {"upsample": "bilinear_code" if self.bilinear else "nearest_labels",
                          "flip_tta": bool(self.bilinear and spec.flip_tta), **result["row"]}  # fmt: skip
@@ -292,6 +301,8 @@ class CellStage(Stage):
         row.update(row_machine_facts())
         if assignment.get("note"):
             row["note"] = assignment["note"]
+        # token counts, dimensions, precision and pool sizes for the stage profile (ussbench.reports.profile)
+        row.update(perf_row_facts(inputs["features"], segments["segments"], str(rt.device)))
         artifacts = {}
         if "learned" in inputs.values:
             artifacts["feature_learner"] = inputs["learned"]["artifacts"]

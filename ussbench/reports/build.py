@@ -16,7 +16,7 @@ from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
 from ..evaluation.statistics import DEFAULT_RESAMPLES, DEFAULT_SEED
 from ..provenance import read_run
-from . import figures, header, learning_curves, page
+from . import figures, header, learning_curves, page, profile
 from .comparisons import (
     BoardStatistics,
     board_statistics,
@@ -91,6 +91,7 @@ def build_report(
                     _per_class(cells, board), written)  # fmt: skip
     md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
     md += learning_curves.section(output, cells)  # feature learners' curves and code health (issue 13)
+    md += profile.profile_footer(output, cells)  # per-stage seconds vs the machine's limits (perf)
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
     html = page.render(report, FIGURES).replace(
         "</body></html>", failures_html(output, cell_ids) + "</body></html>"

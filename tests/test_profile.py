@@ -1,0 +1,74 @@
+"""Stage profiles: the ViT FLOP model against torch's FLOP counter, shared stages counted once, the footer."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ussbench.backbones.vit import ViTExtractor
+from ussbench.reports.profile import (
+    format_table,
+    profile_footer,
+    profile_records,
+    summarise,
+    vit_gflops,
+    write_profile,
+)
+
+
+def test_vit_flop_model_matches_torch_flop_counter():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
+    for block in vit.blocks:  # explicit matmuls: torch's counter does not count the fused CPU attention
+        block.attn.fused_attn = False
+    ex = ViTExtractor(vit)
+    x = torch.randn(3, 3, 96, 160)
+    with FlopCounterMode(display=False) as counter:
+        ex(x)
+    counted = counter.get_total_flops() / 1e9
+    model = vit_gflops([6 * 10] * 3, 384, 2, 1536, 16)
+    assert abs(counted - model) / model < 0.01  # the CLS-attention row is the only uncounted matmul
+
+
+def cell(cid, ic, dc, seed, t_feat=10.0, t_ic=4.0, t_dc=1.0):
+    row = {"cell_id": cid, "dataset": "d", "backbone": "b", "feature_learner": "none", "image_clusterer": ic,
+           "dataset_clusterer": dc, "seed": seed, "precision": "fp32", "backbone_gflops": 100.0, "n_tokens": 1000,
+           "tokens_sq": 1000 * 100.0, "tokens_cube": 1000 * 1e4, "embed_dim": 64, "vector_dim": 64,
+           "n_segments": 500, "n_clusters": 5, "n_pixels": 10**6, "upsample": "nearest_labels",
+           "time_features_s": t_feat, "time_image_clusterer_s": t_ic, "time_dataset_clusterer_s": t_dc,
+           "time_eval_s": 0.1, "time_nfcov_s": 0.5}  # fmt: skip
+    params = {"image_clusterer": {"name": "kmeans_per_image", "params": {"n_segments": 8, "n_init": 1, "max_iter": 10}},
+              "dataset_clusterer": {"name": "kmeans", "params": {"n_clusters": 5, "n_init": 2, "max_iter": 10}}}  # fmt: skip
+    return {"row": row, "params": params, "class_names": ["a", "b", "c"]}
+
+
+def test_shared_stages_count_once_and_fractions_use_the_limits(tmp_path):
+    cells = [cell("c1", "km", "k-means", 0), cell("c2", "km", "OTC", 0), cell("c3", "km", "k-means", 1)]
+    limits = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "bandwidth_gbs": 10.0, "machine": "test"}
+    records = profile_records(cells, limits)
+    stages = [(r["stage"], r["cell_id"]) for r in records]
+    assert stages.count(("features", "c1")) == 1 and ("features", "c2") not in stages  # one extraction
+    assert ("image_clusterer", "c3") in stages and ("image_clusterer", "c2") not in stages  # per seed
+    assert sum(1 for s, _ in stages if s == "dataset_clusterer") == 3  # every cell
+    assert [c for s, c in stages if s == "nfcovering"] == ["c1", "c3"]  # one per segmentation (graph node)
+    feat = next(r for r in records if r["stage"] == "features")
+    assert feat["rate"] == 10.0 and feat["fraction"] == 0.1  # 100 GFLOP in 10 s on a 100 GFLOP/s machine
+    km = next(r for r in records if r["stage"] == "dataset_clusterer" and r["cell_id"] == "c1")
+    assert km["work"] == 2 * 11 * 2 * 500 * 5 * 64 / 1e9 and km["bound"] == "="  # faiss: every iteration
+    summary = summarise(records)
+    assert summary[0]["stage"] == "features"  # sorted by seconds
+    table = "\n".join(format_table(summary))
+    assert "(below 20%)" in table and "features" in table
+    write_profile(tmp_path, limits, {"report_s": 1.5})
+    footer = profile_footer(tmp_path, cells)
+    assert (
+        "## Where the time goes" in footer
+        and "fp32 matmul 100 GFLOP/s" in footer
+        and "report build: 1.5 s" in footer
+    )
+
+
+def test_footer_without_limits_shows_seconds_only(tmp_path):
+    footer = profile_footer(tmp_path, [cell("c1", "km", "k-means", 0)])
+    assert "Limits not measured" in footer and "GFLOP/s |" not in footer.split("\n")[-2]
