@@ -93,12 +93,19 @@ def test_adaptive_eigengap_finds_the_number_of_regions():
 @pytest.mark.parametrize("vector", ["crop_cls", "masked_attention_cls"])
 def test_flat_regions_with_colour_term_and_crop_cls(flat_world, vector):
     feats, ctx = flat_world
-    dsm = DeepSpectral(n_eigenvectors=3, n_segments=3, color_lambda=10.0, segment_vector=vector, n_dilate=1)
+    dsm = DeepSpectral(
+        n_eigenvectors=3,
+        n_segments=3,
+        color_lambda=10.0,
+        segment_vector=vector,
+        n_dilate=1,
+        background="border",
+    )
     segs = dsm.predict(feats, ctx)
     for seg in segs:
         assert sp.same_partition(seg.segment_map, stripes(3, 4, 6))
         assert seg.vectors.shape == (3, 384) and torch.isfinite(seg.vectors).all()
-        assert seg.background is not None
+        assert seg.background == sp.border_segment(seg.segment_map, 3)
     # crops of different segments see different pixels, so their CLS vectors differ
     assert torch.cdist(segs[0].vectors, segs[0].vectors).triu(1).max() > 1e-3
 
@@ -160,6 +167,28 @@ def test_segment_boxes_erode_then_dilate():
     assert segment_boxes(seg, 2, n_erode=0, n_dilate=0)[1].tolist() == [2, 2, 4, 4]
     assert segment_boxes(seg, 2, n_erode=2, n_dilate=5)[1].tolist() == [0, 0, 8, 8]
     assert segment_boxes(seg, 2, n_erode=2, n_dilate=5)[0].tolist() == [0, 0, 9, 9]
+
+
+@pytest.mark.parametrize(
+    ("class_names", "background", "expected"),
+    [
+        (["red", "green", "blue"], "auto", "none"),  # no background class (MSRC-v2, CamVid): off
+        (["background", "cat", "dog"], "auto", "border"),  # VOC-like: on
+        (["red", "green", "blue"], "border", "border"),  # the grid's choice wins
+        (["background", "cat", "dog"], "none", "none"),
+    ],
+)
+def test_background_rule_follows_the_dataset_unless_set(flat_world, class_names, background, expected):
+    feats, ctx = flat_world
+    dataset = ImageMaskFolder(num_classes=3, class_names=class_names, root=ctx.dataset.root)
+    ctx = StageContext(ctx.device, 0, dataset, ctx.backbone, 3, progress=False)
+    dsm = DeepSpectral(n_eigenvectors=3, n_segments=3, segment_vector="mean", background=background)
+    segs = dsm.predict(feats, ctx)
+    assert dsm.artifacts()["resolved"] == {"background": expected}
+    if expected == "border":
+        assert all(s.background == sp.border_segment(s.segment_map, s.n_segments) for s in segs)
+    else:
+        assert all(s.background is None for s in segs)
 
 
 def test_background_is_the_segment_owning_most_border():

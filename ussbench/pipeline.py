@@ -25,7 +25,7 @@ from .config import StageEntry
 from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
-from .image_clusterers._common import pick_feature
+from .image_clusterers._common import pick_feature, recorded_choices
 
 STAGE_ORDER = (
     "dataset",
@@ -263,6 +263,8 @@ class CellRunner:
         stored, row["time_image_clusterer_s"], _ = self._timed("segments:" + skey, segmented)
         segments: list[Segmentation] = stored["segments"]
         artifacts["image_clusterer"] = stored["artifacts"]
+        # hook (issue 14): choices the image clusterer resolved at run time, e.g. DSM's background rule
+        row.update(recorded_choices(stored["artifacts"]))
 
         # dataset-level clusterer
         has_bg = any(s.background is not None for s in segments)

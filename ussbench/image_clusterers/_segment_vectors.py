@@ -205,9 +205,12 @@ def segmentations(
     maps: Sequence[torch.Tensor],
     ctx: StageContext,
     device: torch.device,
+    background: str | None = None,
 ) -> list[Segmentation]:
-    """Segmentations of the maps with a clusterer's segment-vector parameters (DSM's and ACG's names) and its
-    ``background`` rule ('border': the segment owning most border patches keeps its own label)."""
+    """Segmentations of the maps with a clusterer's segment-vector parameters (DSM's and ACG's names) and a
+    background rule (default: the clusterer's ``background``; 'border': the segment owning most border
+    patches keeps its own label)."""
+    rule = clusterer.background if background is None else background
     vectors = segment_vectors(
         clusterer.segment_vector, features, maps, ctx, mean_feature=clusterer.mean_feature,
         n_erode=clusterer.n_erode, n_dilate=clusterer.n_dilate, batch_size=clusterer.crop_batch_size,
@@ -215,6 +218,6 @@ def segmentations(
     )  # fmt: skip
     out = []
     for m, v in zip(maps, vectors):
-        bg = border_segment(m, int(v.shape[0])) if clusterer.background == "border" else None
+        bg = border_segment(m, int(v.shape[0])) if rule == "border" else None
         out.append(Segmentation(m, v.float(), background=bg))
     return out

@@ -20,7 +20,14 @@ from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..errors import ConfigError
 from ..registry import register
 from . import _spectral as sp
-from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
+from ._common import (
+    dataset_background_class,
+    dense_matrix,
+    pick_feature,
+    plugin_device,
+    relabel_consecutive,
+    require,
+)
 from ._segment_vectors import check_segment_vector_params, segmentations
 
 DSM_PRESETS = {
@@ -50,7 +57,7 @@ DSM_PRESETS = {
 class DeepSpectral(ImageClusterer):
     """Deep spectral segments: k-means of Laplacian eigenvectors of the key affinity; CLS of segment crops."""
 
-    version = "1"
+    version = "2"  # 2: background "auto" (follows the dataset)
 
     # explicit signature (registry reads it); the segment-vector parameters repeat ACG's on purpose
     def __init__(
@@ -61,7 +68,7 @@ class DeepSpectral(ImageClusterer):
         n_segments: int = 15,
         adaptive: bool = False,
         kmeans_eigenvectors: int | None = None,
-        background: Literal["border", "none"] = "border",
+        background: Literal["auto", "border", "none"] = "auto",
         label_shift_quirk: bool = False,
         segment_vector: Literal["crop_cls", "mean", "masked_attention_cls"] = "crop_cls",
         mean_feature: Literal["auto", "tokens", "keys", "code"] = "auto",
@@ -208,8 +215,18 @@ class DeepSpectral(ImageClusterer):
         self.eigenvalues_ = evals_all
         return maps  # type: ignore[return-value]
 
+    def resolved_background(self, ctx: StageContext | None) -> str:
+        """The background rule in force: the grid's 'border'/'none', or for 'auto' 'border' exactly when the
+        dataset has a background class (VOC) and 'none' otherwise (MSRC-v2, CamVid, COCO-Stuff, ...)."""
+        if self.background != "auto":
+            return self.background
+        dataset = None if ctx is None else ctx.dataset
+        return "border" if dataset is not None and dataset_background_class(dataset) is not None else "none"
+
     def predict(self, features: FeatureSet, ctx: StageContext) -> list[Segmentation]:
-        out = segmentations(self, features, self.segment(features, ctx), ctx, self._torch_device())
+        self.background_ = self.resolved_background(ctx)
+        maps = self.segment(features, ctx)
+        out = segmentations(self, features, maps, ctx, self._torch_device(), background=self.background_)
         self.n_segments_ = [s.n_segments for s in out]
         return out
 
@@ -218,6 +235,7 @@ class DeepSpectral(ImageClusterer):
             "eigenvalues": getattr(self, "eigenvalues_", None),
             "n_segments": getattr(self, "n_segments_", None),
             "label_shift_quirk": self.label_shift_quirk,
+            "resolved": {"background": getattr(self, "background_", None)},
         }
 
 
