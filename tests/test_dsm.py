@@ -112,11 +112,16 @@ def test_flat_regions_with_colour_term_and_crop_cls(flat_world, vector):
 
 def test_crop_cls_of_boxes_covering_the_image_is_the_image_cls(flat_world):
     feats, ctx = flat_world  # 4x6 grid: every segment dilated 5 times covers the whole image
-    segs = DeepSpectral(n_eigenvectors=3, n_segments=3).predict(feats, ctx)
+    segs = DeepSpectral(n_eigenvectors=3, n_segments=3, precision="fp32").predict(feats, ctx)
     ext = ctx.backbone.model(torch.device("cpu"))
     for i, seg in enumerate(segs):
         whole = ext(ctx.backbone.preprocess(ctx.dataset.load_image(i))[None])["cls"][0]
         assert torch.allclose(seg.vectors, whole.expand(3, -1), atol=1e-4)
+    # bfloat16 crops (precision 'bf16', the default 'auto' on CPUs with native bf16): the same vectors to
+    # bf16 accuracy
+    bf16 = DeepSpectral(n_eigenvectors=3, n_segments=3, precision="bf16").predict(feats, ctx)
+    for a, b in zip(segs, bf16):
+        assert F.cosine_similarity(a.vectors, b.vectors, dim=1).min() > 0.995
 
 
 def test_crop_cls_batched_with_padding_equals_single_forward(flat_world):

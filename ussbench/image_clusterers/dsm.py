@@ -63,6 +63,7 @@ class DeepSpectral(ImageClusterer):
     def __init__(
         self,
         feature: Literal["auto", "keys", "tokens", "code"] = "auto",
+        centre_features: bool = False,
         n_eigenvectors: int = 20,
         color_lambda: float = 0.0,
         n_segments: int = 15,
@@ -81,10 +82,12 @@ class DeepSpectral(ImageClusterer):
         eig_dtype: Literal["auto", "float32", "float64"] = "auto",
         eig_batch_size: int = 64,
         crop_batch_size: int = 64,
+        precision: Literal["auto", "fp32", "bf16"] = "auto",
         seed: int = 0,
         device: str = "cpu",
     ):
         need = partial(require, "dsm")
+        need(precision in ("auto", "fp32", "bf16"), "precision", precision, "'auto', 'fp32' or 'bf16'")
         need(n_eigenvectors >= 2, "n_eigenvectors", n_eigenvectors, ">= 2 (one constant + one informative)")
         need(n_segments >= 1, "n_segments", n_segments, ">= 1")
         need(color_lambda >= 0, "color_lambda", color_lambda, ">= 0")
@@ -99,6 +102,7 @@ class DeepSpectral(ImageClusterer):
         need(eig_batch_size >= 1, "eig_batch_size", eig_batch_size, ">= 1")
         check_segment_vector_params("dsm", n_erode, n_dilate, crop_batch_size)
         self.feature = feature
+        self.centre_features = centre_features
         self.n_eigenvectors = n_eigenvectors
         self.color_lambda = color_lambda
         self.n_segments = n_segments
@@ -117,6 +121,7 @@ class DeepSpectral(ImageClusterer):
         self.eig_dtype = eig_dtype
         self.eig_batch_size = eig_batch_size
         self.crop_batch_size = crop_batch_size
+        self.precision = precision
         self.seed = seed
         self.device = device
 
@@ -143,8 +148,10 @@ class DeepSpectral(ImageClusterer):
         self, features: FeatureSet, indices: list[int], name: str, ctx: StageContext | None, dev, dtype
     ) -> torch.Tensor:
         """(B, P, P) affinity W = max(f f^T, 0) + color_lambda * W_knn for images of one grid size."""
-        x = torch.stack([dense_matrix(features[i], name) for i in indices])
-        W = sp.feature_affinity(x.to(dev, dtype))
+        x = torch.stack([dense_matrix(features[i], name) for i in indices]).to(dev, dtype)
+        if self.centre_features:  # each image's mean feature removed (see the card: DINOv2 keys)
+            x = x - x.mean(1, keepdim=True)
+        W = sp.feature_affinity(x)
         if self.color_lambda > 0:
             if ctx is None:
                 raise ConfigError("dsm: color_lambda > 0 needs the dataset images (a StageContext)")
@@ -236,6 +243,7 @@ class DeepSpectral(ImageClusterer):
             "n_segments": getattr(self, "n_segments_", None),
             "label_shift_quirk": self.label_shift_quirk,
             "resolved": {"background": getattr(self, "background_", None)},
+            "segment_vectors": getattr(self, "segment_vector_stats_", None),
         }
 
 
