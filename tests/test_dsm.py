@@ -209,6 +209,10 @@ def test_torch_eigen_path_agrees_with_scipy_eigsh_on_random_graphs(P):
     W = sp.feature_affinity(feats)
     evals, vecs = sp.eigh_smallest(W, 10)
     vecs = sp.fix_signs(vecs)
+    sub_evals, sub_vecs = sp.lapack_smallest(W, 10, threads=2)  # only the 10 wanted pairs, threaded
+    torch.testing.assert_close(sub_evals, evals, atol=1e-10, rtol=0)
+    torch.testing.assert_close(sp.fix_signs(sub_vecs)[..., 1:], vecs[..., 1:], atol=1e-8, rtol=0)
+    torch.testing.assert_close(sub_vecs[..., 0].abs(), vecs[..., 0].abs(), atol=1e-8, rtol=0)  # constant
     for b in range(3):
         ref_vals, ref_vecs = sp.eigsh_smallest(W[b].numpy(), 10)
         ref_vecs = sp.fix_signs(torch.from_numpy(ref_vecs))
@@ -229,7 +233,11 @@ def test_dsm_solvers_give_identical_segmentations():
     b = DeepSpectral(n_eigenvectors=8, n_segments=4, segment_vector="mean", eig_solver="scipy").predict(
         feats, None
     )
+    c = DeepSpectral(n_eigenvectors=8, n_segments=4, segment_vector="mean", eig_solver="lapack").predict(
+        feats, None
+    )
     assert all(sp.same_partition(x.segment_map, y.segment_map) for x, y in zip(a, b))
+    assert all(sp.same_partition(x.segment_map, y.segment_map) for x, y in zip(a, c))
 
 
 def test_knn_colour_affinity_structure():

@@ -78,7 +78,7 @@ class DeepSpectral(ImageClusterer):
         kmeans_engine: Literal["sklearn", "torch"] = "sklearn",
         n_init: int = 10,
         max_iter: int = 300,
-        eig_solver: Literal["torch", "scipy"] = "torch",
+        eig_solver: Literal["auto", "torch", "lapack", "scipy"] = "auto",
         eig_dtype: Literal["auto", "float32", "float64"] = "auto",
         eig_batch_size: int = 64,
         crop_batch_size: int = 64,
@@ -162,8 +162,13 @@ class DeepSpectral(ImageClusterer):
     def eigenvectors(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest n_eigenvectors eigenpairs of a stack of affinities, sign-fixed, by the chosen solver."""
         K = self.n_eigenvectors
-        if self.eig_solver == "torch":
+        solver = self.eig_solver
+        if solver == "auto":  # batched dense eigh on a GPU; on a CPU only the K wanted pairs, images threaded
+            solver = "torch" if W.device.type == "cuda" else "lapack"
+        if solver == "torch":
             evals, vecs = sp.eigh_smallest(W, K)
+        elif solver == "lapack":
+            evals, vecs = sp.lapack_smallest(W, K, threads=torch.get_num_threads())
         else:
             pairs = [sp.eigsh_smallest(w.double().cpu().numpy(), K) for w in W]
             evals = torch.from_numpy(np.stack([p[0] for p in pairs])).to(W.device, W.dtype)
