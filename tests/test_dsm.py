@@ -164,6 +164,23 @@ def test_masked_attention_cls_restricts_last_block_attention(flat_world):
     assert not torch.allclose(got[0], got[1], atol=1e-3)
 
 
+def test_several_queries_of_one_crop_equal_separate_forwards(flat_world):
+    """Segments sharing a box share the crop's trunk: each masked query equals its own full forward."""
+    from ussbench.image_clusterers._segment_vectors import crops_cls_queries
+
+    _, ctx = flat_world
+    ext = ctx.backbone.model(torch.device("cpu"))
+    img = ctx.backbone.preprocess(ctx.dataset.load_image(0))
+    crop = img[:, :48, :64]  # 3x4 patches
+    masks = [torch.arange(12) % 2 == 0, torch.arange(12) < 5, None]
+    shared = crops_cls_queries(ext, [crop, img[:, :32, :32]], [masks, [None]], batch_size=4)
+    separate = crops_cls(ext, [crop] * 3, masks)
+    assert shared[0].shape == (3, 384) and shared[1].shape == (1, 384)
+    torch.testing.assert_close(shared[0], separate, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared[1][0], ext(img[:, :32, :32][None])["cls"][0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(shared[0][0], shared[0][1], atol=1e-3)
+
+
 def test_segment_boxes_erode_then_dilate():
     seg = torch.zeros(10, 10, dtype=torch.long)
     seg[2:5, 2:5] = 1  # a 3x3 square: one erosion leaves its centre, a second would empty it (skipped)
@@ -283,3 +300,25 @@ def test_bad_parameters_raise_naming_the_parameter():
     feats = region_features([stripes(2, 3, 4)])
     with pytest.raises(ConfigError, match=r"n_eigenvectors=20 exceeds the 12 patches"):
         DeepSpectral(segment_vector="mean").predict(feats, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("names", "expected"), [(None, "none"), (["background", "green", "blue"], "border")])
+def test_grid_rows_record_the_background_rule_used(tmp_path, toy_root, names, expected):
+    """A grid that leaves DSM's background at 'auto' gets the dataset's rule, and each result row says which."""
+    import pandas as pd
+    from conftest import tiny_grid
+
+    from ussbench.config import load_grid
+    from ussbench.runner import run_grid
+
+    dataset = {"name": "image_folder", "params": {"num_classes": 3, "class_names": names or ["r", "g", "b"]}}
+    path = tiny_grid(
+        tmp_path, toy_root, seeds=[0], datasets=[dataset], dataset_clusterers=["kmeans"],
+        image_clusterers=[{"name": "dsm", "params": {"segment_vector": "mean", "n_eigenvectors": 4,
+                                                     "n_segments": 3, "kmeans_engine": "torch"}}],
+    )  # fmt: skip
+    grid = load_grid(path)
+    run_grid(grid, progress=False)
+    results = pd.read_csv(grid.output / "results.csv")
+    assert results.image_clusterer_background.tolist() == [expected]
+    assert results.n_clusters.tolist() == [3]  # with a background segment: 2 clusters + the background
