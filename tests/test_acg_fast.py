@@ -82,3 +82,28 @@ def test_modularity_from_a_precomputed_graph_matches_the_loss():
     for intensity in ("max", "sum"):
         want = -_modularity.modularity_loss(x, S, intensity)
         torch.testing.assert_close(_modularity.modularity(S, graph, intensity).mean(), want)
+
+
+def test_padded_batches_equal_each_image_alone():
+    """Images of different sizes batch together zero-padded: concepts, assignments and modularity equal each
+    image's own unpadded computation (folded and direct forms alike)."""
+    model = _randomised(ConceptGenerator(dim=16, n_prototypes=3, n_rounds=2, n_heads=1, ffn_dim=24), 8)
+    g = torch.Generator().manual_seed(9)
+    images = [torch.randn(p, 16, generator=g) for p in (20, 13, 17)]
+    lengths = torch.tensor([20, 13, 17])
+    x = torch.zeros(3, 20, 16)
+    for j, im in enumerate(images):
+        x[j, : len(im)] = im
+    x_hat = model.standardise(x)
+    folded = model(None, x_hat, lengths)  # x=None forces the folded form
+    direct = model.forward_reference(x, lengths)
+    graph = _modularity.modularity_graph(x)
+    for j, im in enumerate(images):
+        alone = model.forward_reference(im[None])[0]
+        torch.testing.assert_close(folded[j], alone, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(direct[j], alone, atol=2e-4, rtol=2e-4)
+    S = F.relu(F.normalize(x, dim=-1) @ F.normalize(folded, dim=-1).transpose(1, 2))
+    q = _modularity.modularity(S, graph, "max", lengths)
+    for j, im in enumerate(images):
+        own = _modularity.modularity(S[j : j + 1, : len(im)], _modularity.modularity_graph(im[None]), "max")
+        torch.testing.assert_close(q[j], own[0], atol=1e-6, rtol=1e-5)

@@ -40,12 +40,17 @@ def modularity_graph(x: torch.Tensor) -> torch.Tensor:
 if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _max_intensity_kernel(S, G, H, q):  # pragma: no cover - compiled
-        """S (b, N, P) concept-major, G (b, P, P) symmetric graph -> H (b, N, P), q (b,) (outputs)."""
-        b, N, P = S.shape
+    def _max_intensity_kernel(S, G, lengths, H, q):  # pragma: no cover - compiled
+        """S (b, N, P) concept-major, G (b, P, P) symmetric graph, lengths[t] valid pixels -> H (b, N, P) (zero
+        on padding), q (b,) (outputs)."""
+        b, N, Pmax = S.shape
         for t in prange(b):
+            P = lengths[t]
             best = np.empty(P, dtype=np.float32)
             arg = np.empty(P, dtype=np.int32)
+            for n in range(N):
+                for i in range(P, Pmax):
+                    H[t, n, i] = 0.0
             qt = 0.0
             for i in range(P):
                 s0 = S[t, 0, i]
@@ -72,19 +77,28 @@ if numba is not None:
             q[t] = qt
 
 
-def _max_intensity_numba(S: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _max_intensity_numba(
+    S: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     St = np.ascontiguousarray(S.detach().float().transpose(1, 2).cpu().numpy())
     Gn = np.ascontiguousarray(G.detach().float().cpu().numpy())
+    if lengths is None:
+        ln = np.full(St.shape[0], St.shape[2], dtype=np.int64)
+    else:
+        ln = np.ascontiguousarray(lengths.cpu().numpy().astype(np.int64))
     H = np.empty_like(St)
     q = np.empty(St.shape[0], dtype=np.float64)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _max_intensity_kernel(St, Gn, H, q)
+    _max_intensity_kernel(St, Gn, ln, H, q)
     dev = S.device
     return torch.from_numpy(q).to(dev, S.dtype), torch.from_numpy(H).transpose(1, 2).to(dev, S.dtype)
 
 
-def _max_intensity_torch(S: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same q and H image by image with (P, P, N) tensors (GPU, or CPU without numba)."""
+def _max_intensity_torch(
+    S: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same q and H image by image with (P, P, N) tensors (GPU, or CPU without numba); padded pixels
+    (zero rows of G) contribute nothing, so lengths only saves work in the kernel."""
     q = S.new_zeros(S.shape[0])
     H = torch.zeros_like(S)
     for b in range(S.shape[0]):
@@ -99,22 +113,27 @@ class _MaxIntensityQuadratic(torch.autograd.Function):
     """q_b = sum_ij G_ij max_n S_in S_jn for symmetric G (B, P, P); dq/dS_in = 2 H_in (G and argmax symmetric)."""
 
     @staticmethod
-    def forward(ctx, S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        use_numba = numba is not None and S.device.type == "cpu"
-        q, H = (_max_intensity_numba if use_numba else _max_intensity_torch)(S.detach(), G)
+    def forward(ctx, S: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        if numba is not None and S.device.type == "cpu":
+            q, H = _max_intensity_numba(S.detach(), G, lengths)
+        else:
+            q, H = _max_intensity_torch(S.detach(), G)
         ctx.save_for_backward(H)
         return q
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor):
         (H,) = ctx.saved_tensors
-        return 2.0 * H * grad_q[:, None, None], None
+        return 2.0 * H * grad_q[:, None, None], None, None
 
 
-def modularity(S: torch.Tensor, graph: torch.Tensor, intensity: str = "max") -> torch.Tensor:
-    """Modularity Q (B,) of soft assignments S (B, P, N) on precomputed graphs (B, P, P) = B / 2m."""
+def modularity(
+    S: torch.Tensor, graph: torch.Tensor, intensity: str = "max", lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Modularity Q (B,) of soft assignments S (B, P, N) on precomputed graphs (B, P, P) = B / 2m (zero rows
+    and columns on padded pixels; ``lengths`` lets the kernel skip them)."""
     if intensity == "max":
-        return _MaxIntensityQuadratic.apply(S, graph)
+        return _MaxIntensityQuadratic.apply(S, graph, lengths)
     if intensity == "sum":
         return (S * (graph @ S)).sum((1, 2))
     raise ValueError(f"intensity must be 'max' or 'sum', got {intensity!r}")

@@ -24,11 +24,15 @@ except ImportError:  # pragma: no cover - exercised only without numba
 if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _attend_kernel(q, x, att, r):  # pragma: no cover - compiled
-        """q (b, M, C), x (b, P, C) -> att (b, M, P) softmax weights and r (b, M, C) = att @ x (outputs)."""
+    def _attend_kernel(q, x, lengths, att, r):  # pragma: no cover - compiled
+        """q (b, M, C), x (b, P, C) with lengths[t] valid pixels -> att (b, M, P) softmax weights (0 on padding)
+        and r (b, M, C) = att @ x (outputs)."""
         b, M, C = q.shape
-        P = x.shape[1]
         for t in prange(b):
+            P = lengths[t]
+            for m in range(M):
+                for p in range(P, x.shape[1]):
+                    att[t, m, p] = 0.0
             for p in range(P):
                 for m in range(M):
                     acc = np.float32(0.0)
@@ -56,11 +60,11 @@ if numba is not None:
                         r[t, m, c] += a * x[t, p, c]
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _attend_backward_kernel(dr, att, x, dq):  # pragma: no cover - compiled
+    def _attend_backward_kernel(dr, att, x, lengths, dq):  # pragma: no cover - compiled
         """dr (b, M, C), att (b, M, P), x (b, P, C) -> dq (b, M, C) (output); the pixels get no gradient."""
         b, M, C = dr.shape
-        P = x.shape[1]
         for t in prange(b):
+            P = lengths[t]
             g = np.empty((M, P), dtype=np.float32)
             for p in range(P):
                 for m in range(M):
@@ -93,26 +97,40 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class _PixelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         qn, xn = _np(q), _np(x)
+        ln = np.ascontiguousarray(lengths.cpu().numpy().astype(np.int64))
         att = np.empty((qn.shape[0], qn.shape[1], xn.shape[1]), dtype=np.float32)
         r = np.empty_like(qn)
         _threads()
-        _attend_kernel(qn, xn, att, r)
-        ctx.save_for_backward(torch.from_numpy(att), x)
+        _attend_kernel(qn, xn, ln, att, r)
+        ctx.save_for_backward(torch.from_numpy(att), x, torch.from_numpy(ln))
         return torch.from_numpy(r).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dr: torch.Tensor):
-        att, x = ctx.saved_tensors
+        att, x, ln = ctx.saved_tensors
         dq = np.empty((dr.shape[0], dr.shape[1], dr.shape[2]), dtype=np.float32)
         _threads()
-        _attend_backward_kernel(_np(dr), att.numpy(), _np(x), dq)
-        return torch.from_numpy(dq).to(dr.dtype), None
+        _attend_backward_kernel(_np(dr), att.numpy(), _np(x), ln.numpy(), dq)
+        return torch.from_numpy(dq).to(dr.dtype), None, None
 
 
-def pixel_attention(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """softmax(q x^T) x per image: q (B, M, C) queries, x (B, P, C) pixels (constant) -> (B, M, C)."""
+def valid_mask(lengths: torch.Tensor | None, B: int, P: int, device: torch.device) -> torch.Tensor:
+    """(B, P) True on each image's first lengths[b] pixels (all when lengths is None)."""
+    if lengths is None:
+        return torch.ones(B, P, dtype=torch.bool, device=device)
+    return torch.arange(P, device=device)[None] < lengths.to(device)[:, None]
+
+
+def pixel_attention(q: torch.Tensor, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q x^T) x per image over its valid pixels: q (B, M, C) queries, x (B, P, C) pixels (constant,
+    zero-padded after lengths[b]) -> (B, M, C)."""
+    B, P = x.shape[0], x.shape[1]
     if numba is not None and q.device.type == "cpu" and not x.requires_grad:
-        return _PixelAttention.apply(q.float(), x)
-    return (q.float() @ x.float().transpose(1, 2)).softmax(-1) @ x.float()
+        if lengths is None:
+            lengths = torch.full((B,), P, dtype=torch.long)
+        return _PixelAttention.apply(q.float(), x, lengths)
+    logits = q.float() @ x.float().transpose(1, 2)
+    logits = logits.masked_fill(~valid_mask(lengths, B, P, q.device)[:, None, :], float("-inf"))
+    return logits.softmax(-1) @ x.float()

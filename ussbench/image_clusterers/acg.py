@@ -12,7 +12,6 @@ equal grid size.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from functools import partial
 from typing import Literal
 
@@ -27,7 +26,7 @@ from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
 from ._modularity import modularity, modularity_graph, modularity_loss  # noqa: F401 (modularity_loss: API)
-from ._pixel_attention import pixel_attention
+from ._pixel_attention import pixel_attention, valid_mask
 from ._segment_vectors import check_segment_vector_params, segmentations
 
 ACG_PRESETS = {
@@ -69,11 +68,15 @@ class UpdateStep(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, p: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Reference form: p (B, N, C) prototypes; k, v (B, heads, P, C / heads) the pixels' keys and values."""
+    def forward(
+        self, p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reference form: p (B, N, C) prototypes; k, v (B, heads, P, C / heads) the pixels' keys and values;
+        mask (B, P) the valid pixels (None: all)."""
         B, N, C = p.shape
         q = self.q(p).reshape(B, N, self.n_heads, -1).transpose(1, 2)
-        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, C)
         return self.after_cross(p, self.out(att))
 
     def after_cross(self, p: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -104,24 +107,36 @@ class ConceptGenerator(nn.Module):
         self.steps = nn.ModuleList(UpdateStep(dim, n_heads, ffn_dim) for _ in range(n_rounds))
         self.precision = "fp32"  # 'bf16': the prototype-side linears and the pixel products in bfloat16
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The direct computation: every pixel projected to keys and values once, then the T rounds."""
         B, P, C = x.shape
-        kv = self.kv(self.memory_norm(x)).reshape(B, P, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        kv = self.kv(self.memory_norm(x.float())).reshape(B, P, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]
+        mask = None if lengths is None else valid_mask(lengths, B, P, x.device)
         p = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for step in self.steps:
-            p = step(p, k, v)
+            p = step(p, k, v, mask)
         return p
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """x^ = (x - mean) / sqrt(var + eps) per pixel: memory_norm without its affine part (fixed data)."""
         return F.layer_norm(x.float(), x.shape[-1:], eps=self.memory_norm.eps)
 
-    def forward(self, x: torch.Tensor, x_hat: torch.Tensor | None = None) -> torch.Tensor:
-        """Concepts (B, N, C); ``x_hat`` = ``standardise(x)`` (precompute it when x is fixed, as in training)."""
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        x_hat: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Concepts (B, N, C) for pixels x (B, P, C), zero-padded after lengths[b] (None: all valid);
+        ``x_hat`` = ``standardise(x)`` (precompute it when x is fixed, as in training). A batch too small to
+        pay for the per-step C x C folds (B * P < rounds * C) takes the direct form."""
         if x_hat is None:
             x_hat = self.standardise(x)
         B, P, C = x_hat.shape
+        if x is not None and B * P < len(self.steps) * C:
+            with autocast(x_hat.device, self.precision):
+                return self.forward_reference(x, lengths).float()
         h = self.n_heads
         d = C // h
         gamma = self.memory_norm.weight
@@ -141,7 +156,7 @@ class ConceptGenerator(nn.Module):
                 q = torch.einsum("bni,hij->bhnj", p, fold_q)
             q = q.float() + bias_q[None, :, None, :]
             # pixel side in float32: the attention-weighted pixels (B, h, N, C), one fused pass per image
-            r = pixel_attention(q.reshape(B, h * N, C), x_hat).reshape(B, h, N, C)
+            r = pixel_attention(q.reshape(B, h * N, C), x_hat, lengths).reshape(B, h, N, C)
             with autocast(x_hat.device, self.precision):
                 cross = torch.einsum("bhnj,hjo->bno", r, fold_o).float() + const
                 p = step.after_cross(p, cross)
@@ -157,7 +172,9 @@ def assignment(x: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
 class AdaptiveConceptGenerator(ImageClusterer):
     """ACSeg's adaptive concept generator: attention-updated prototypes, modularity loss, adaptive #segments."""
 
-    version = "3"  # 2: centre_features; 3: batches by patch count, precision (bf16 where native)
+    version = (
+        "3"  # 2: centre_features; 3: batches mix image sizes (zero-padded), precision (bf16 where native)
+    )
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
     def __init__(
@@ -218,19 +235,19 @@ class AdaptiveConceptGenerator(ImageClusterer):
     def _torch_device(self) -> torch.device:
         return plugin_device(self.device, "acg")
 
-    def _grouped(self, features: FeatureSet, name: str, dev: torch.device):
-        """Features stacked per patch count (images of any grid with P patches batch together), centred per
-        image if asked: {P: (indices, (n, P, C) float32 on dev)}."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, im in enumerate(features):
-            groups[im.grid[0] * im.grid[1]].append(i)
-        out = {}
-        for g, idx in groups.items():
-            x = torch.stack([dense_matrix(features[i], name) for i in idx]).to(dev)
+    def _padded(self, features: FeatureSet, name: str, dev: torch.device, rows: list[int] | None = None):
+        """Pixel features of the images (all, or ``rows``) zero-padded to the largest patch count, centred per
+        image over its own pixels if asked: ((n, Pmax, C) float32 on dev, lengths (n,))."""
+        rows = list(range(len(features))) if rows is None else rows
+        mats = [dense_matrix(features[i], name) for i in rows]
+        lengths = torch.tensor([m.shape[0] for m in mats], dtype=torch.long)
+        x = torch.zeros(len(mats), int(lengths.max()), mats[0].shape[1], device=dev)
+        for j, m in enumerate(mats):
+            m = m.to(dev)
             # Deviation (see the card): without centring, DINOv2 keys have a mean pairwise cosine of 0.89, the
             # affinity graph is nearly complete and its modularity carries no signal.
-            out[g] = (idx, x - x.mean(1, keepdim=True) if self.centre_features else x)
-        return out
+            x[j, : m.shape[0]] = m - m.mean(0, keepdim=True) if self.centre_features else m
+        return x, lengths
 
     def fit(self, features: FeatureSet, ctx: StageContext | None = None) -> AdaptiveConceptGenerator:
         if len(features) == 0:
@@ -248,37 +265,35 @@ class AdaptiveConceptGenerator(ImageClusterer):
         model = model.to(dev).train()
         self.precision_ = model.precision = resolve_precision(self.precision, dev, "acg")
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        # fixed per image for the whole training: standardised pixels, unit pixels, the modularity graph
-        data = {}
-        for g, (idx, x) in self._grouped(features, name, dev).items():
-            graph = torch.cat([modularity_graph(c) for c in x.split(64)])
-            data[g] = (idx, model.standardise(x), F.normalize(x, dim=-1), graph)
+        # fixed for the whole training: the pixels (zero-padded, so a batch mixes images of any size), their
+        # standardised and unit forms and each image's modularity graph (zero on padding)
+        x, lengths = self._padded(features, name, dev)
+        x_hat, x_unit = model.standardise(x), F.normalize(x, dim=-1)
+        graph = torch.cat([modularity_graph(c) for c in x.split(64)])
+        n = len(features)
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + 17)
         curve: list[float] = []
         epochs = tqdm(range(self.epochs), desc="acg epochs", leave=False, disable=not (ctx and ctx.progress))
         for _ in epochs:
-            batches = []
-            for g, (idx, *_rest) in data.items():
-                perm = torch.randperm(len(idx), generator=gen)
-                batches += [(g, perm[s : s + self.batch_size]) for s in range(0, len(idx), self.batch_size)]
-            total, count = 0.0, 0
-            for b in torch.randperm(len(batches), generator=gen).tolist():
-                g, rows = batches[b]
-                _, x_hat, x_unit, graph = data[g]
-                if len(rows) < len(x_hat):  # a whole group needs no gather: images are independent
-                    rows = rows.to(dev)
-                    x_hat, x_unit, graph = x_hat[rows], x_unit[rows], graph[rows]
-                concepts = F.normalize(model(None, x_hat), dim=-1)
-                S = (x_unit @ concepts.transpose(1, 2)).clamp_min(0)
-                loss = -modularity(S, graph, self.intensity).mean()
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for start in range(0, n, self.batch_size):
+                rows = perm[start : start + self.batch_size]
+                if len(rows) == n:  # the whole set (the study's batch of 1024 >= MSRC's 591): no gather
+                    xb, xh, xu, gb, lb = x, x_hat, x_unit, graph, lengths
+                else:
+                    r = rows.to(dev)
+                    xb, xh, xu, gb, lb = x[r], x_hat[r], x_unit[r], graph[r], lengths[rows]
+                concepts = F.normalize(model(xb, xh, lb), dim=-1)
+                S = (xu @ concepts.transpose(1, 2)).clamp_min(0)  # zero on padded pixels
+                loss = -modularity(S, gb, self.intensity, lb).mean()
                 if not torch.isfinite(loss):
                     raise NumericalError(f"acg: modularity loss became {float(loss)} during training")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(rows)
-                count += len(rows)
-            curve.append(total / max(count, 1))
+            curve.append(total / n)
         self.model_ = model.eval()
         self.feature_name_ = name
         self.loss_curve_ = curve
@@ -291,14 +306,15 @@ class AdaptiveConceptGenerator(ImageClusterer):
             raise RuntimeError("acg: call fit() before predict()")
         name = pick_feature(features, self.feature, "keys")
         dev = self._torch_device()
-        maps: list[torch.Tensor | None] = [None] * len(features)
-        for idx, x in self._grouped(features, name, dev).values():
-            for s in range(0, len(idx), self.batch_size):
-                xb = x[s : s + self.batch_size]
-                labels = assignment(xb, self.model_(xb)).argmax(-1).cpu()
-                for j, i in enumerate(idx[s : s + self.batch_size]):
-                    maps[i] = relabel_consecutive(labels[j])[0].reshape(features[i].grid)
-        return maps  # type: ignore[return-value]
+        maps: list[torch.Tensor] = []
+        for start in range(0, len(features), self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, len(features))))
+            x, lengths = self._padded(features, name, dev, rows)
+            labels = assignment(x, self.model_(x, None, lengths)).argmax(-1).cpu()
+            for j, i in enumerate(rows):
+                own = labels[j, : int(lengths[j])]
+                maps.append(relabel_consecutive(own)[0].reshape(features[i].grid))
+        return maps
 
     def predict(self, features: FeatureSet, ctx: StageContext) -> list[Segmentation]:
         out = segmentations(self, features, self.segment(features), ctx, self._torch_device())
