@@ -5,8 +5,8 @@ layer: the prototypes query the image's pixel features by scaled dot-product cro
 projections shared by the T steps), then self-attention among prototypes, then an FFN, with residuals
 and post-LayerNorm. Each pixel goes to its most cosine-similar concept; concepts that win no pixel
 vanish, so the number of segments adapts per image. Trained without labels by maximising the modularity
-of the soft assignment on the image's cosine affinity graph, on cached features, in batches of images of
-equal grid size.
+of the soft assignment on the image's cosine affinity graph, on cached features, in batches that mix
+images of every size (zero-padded).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from ..dataset_clusterers._common import autocast, resolve_precision
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
-from ._modularity import modularity, modularity_graph, modularity_loss  # noqa: F401 (modularity_loss: API)
+from ._modularity import modularity, modularity_graph, modularity_loss
+
+__all__ = ["AdaptiveConceptGenerator", "ConceptGenerator", "assignment", "modularity_loss", "self_attention"]
 from ._pixel_attention import pixel_attention, valid_mask
 from ._segment_vectors import check_segment_vector_params, segmentations
 
