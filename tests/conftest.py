@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic image+mask folder, a tiny grid file that runs in seconds, one torch thread."""
+"""Shared fixtures: a tiny synthetic image+mask folder, a tiny grid file that runs in seconds, one torch thread;
+DATA is the data shipped inside the repo (MSRC-v2, CamVid test), which tests read directly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"  # shipped in the repo: tests never depend on a folder outside the clone
 
 
 def write_toy_folder(root: Path, n_images: int = 6, size: tuple[int, int] = (48, 64), seed: int = 0) -> Path:

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 from ussbench.datasets.camvid import CamVid
 from ussbench.datasets.folder import ImageMaskFolder
 from ussbench.datasets.msrc import MSRCv2, msrc_lookup
 from ussbench.datasets.voc import VOC2012
 from ussbench.errors import DataError
-
-needs_shared = pytest.mark.skipif(not (SHARED_DATA / "msrc_v2").is_dir(), reason="shipped data not present")
 
 
 def test_msrc21_mapping_drops_horse_and_mountain():
@@ -27,24 +25,25 @@ def test_msrc21_mapping_drops_horse_and_mountain():
     assert list(table23[:23]) == list(range(23)) and names23[4] == "horse"
 
 
-@needs_shared
 def test_shipped_msrc_counts_and_labels():
-    ds = MSRCv2(data_root=str(SHARED_DATA))
+    ds = MSRCv2(data_root=str(DATA))
     assert len(ds) == 591
     sample = ds[0]
     assert sample.image.dtype == np.uint8 and sample.image.shape[2] == 3
     assert sample.label.shape == sample.image.shape[:2]
     assert sample.label.min() >= -1 and sample.label.max() < 21
-    limited = MSRCv2(data_root=str(SHARED_DATA), classes=23, limit=5)
+    limited = MSRCv2(data_root=str(DATA), classes=23, limit=5)
     assert len(limited) == 5 and limited.num_classes == 23
 
 
-@needs_shared
-def test_shipped_camvid_splits():
-    assert len(CamVid(data_root=str(SHARED_DATA), split="test")) == 233
-    assert len(CamVid(data_root=str(SHARED_DATA), split="all")) == 701
-    label = CamVid(data_root=str(SHARED_DATA), split="val", limit=1).load_label(0)
-    assert label.max() <= 10 and (label == -1).any()
+def test_shipped_camvid_test_split():
+    ds = CamVid(data_root=str(DATA), split="test")
+    assert len(ds) == 233 and ds.num_classes == 11
+    label = ds.load_label(0)
+    assert label.shape == ds.load_image(0).shape[:2] == (360, 480)
+    assert label.max() <= 10 and label.min() >= -1
+    with pytest.raises(DataError, match=r"camvid/train/images. does not exist"):
+        CamVid(data_root=str(DATA), split="all").ids()  # only the test split is shipped
 
 
 def voc_fixture(root):
@@ -93,3 +92,42 @@ def test_folder_label_out_of_range(tmp_path, toy_root):
     Image.fromarray(np.full((48, 64), 7, dtype=np.uint8), mode="L").save(toy_root / "labels" / "img01.png")
     ds = ImageMaskFolder(num_classes=3, root=str(toy_root))
     assert (ds.load_label(1) == -1).all()  # values >= num_classes that are not classes become ignore
+
+
+def test_label_of_another_size_than_its_image_is_a_data_error_before_work(toy_root):
+    """A label PNG whose size differs from its image is found by check() (headers only) and by load_label."""
+    Image.fromarray(np.zeros((40, 64), dtype=np.uint8), mode="L").save(toy_root / "labels" / "img03.png")
+    ds = ImageMaskFolder(num_classes=3, root=str(toy_root))
+    message = r"label file .*img03.png' is 64x40 but its image 'img03.png' is 64x48 .*resize_labels: true"
+    with pytest.raises(DataError, match=message):
+        ds.check()
+    with pytest.raises(DataError, match=message):
+        ds.load_label(3)
+    assert ds.load_label(2).shape == (48, 64)  # the other files are fine
+
+
+def test_resize_labels_resizes_nearest_to_the_image(toy_root):
+    """resize_labels: the label is stretched (nearest) to its image: every value stays a label value."""
+    small = np.zeros((24, 32), dtype=np.uint8)
+    small[:, 16:] = 2
+    small[:, -1] = 255
+    Image.fromarray(small, mode="L").save(toy_root / "labels" / "img03.png")
+    ds = ImageMaskFolder(num_classes=3, root=str(toy_root), resize_labels=True)
+    ds.check()
+    label = ds.load_label(3)
+    assert label.shape == (48, 64)
+    assert set(np.unique(label)) == {-1, 0, 2}
+    assert (label[:, :32] == 0).all() and (label[:, 32:-2] == 2).all() and (label[:, -2:] == -1).all()
+    # the option only touches labels: the cached features keep the same identity
+    assert ds.cache_identity() == ImageMaskFolder(num_classes=3, root=str(toy_root)).cache_identity()
+
+
+def test_missing_dataset_folder_names_the_flag(tmp_path):
+    with pytest.raises(
+        DataError, match=r"VOCdevkit/VOC2012/ not found under the data root .*pass --data-root DIR"
+    ):
+        VOC2012(data_root=str(tmp_path)).ids()
+    with pytest.raises(DataError, match=r"needs a data root: pass --data-root DIR"):
+        MSRCv2(data_root=None).ids()
+    with pytest.raises(DataError, match=r"root folder '/no/such' does not exist"):
+        MSRCv2(root="/no/such").ids()

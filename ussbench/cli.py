@@ -1,4 +1,8 @@
-"""Command line: ``run`` a grid, ``list`` plugins, rebuild a ``report``."""
+"""Command line: ``run`` a grid, ``list`` plugins, rebuild a ``report``.
+
+Each sub-command has one ``_add_<command>`` function (its flags) and one ``cmd_<command>`` function (what
+it does). Errors a user can fix are one line, ``ussbench: error: ...``, and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +12,86 @@ import sys
 from pathlib import Path
 
 from . import __version__, registry
-from .errors import UssbenchError
+from .errors import ConfigError, UssbenchError
+
+log = logging.getLogger("ussbench")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ussbench", description="Benchmark USS clustering strategies on frozen ViT features."
-    )
-    p.add_argument("--version", action="version", version=f"ussbench {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``ussbench: error: ...``, exit 2) like every other ussbench error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"ussbench: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (number of images), got {value}")
+    return value
+
+
+def _logging_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """-v/--log-level on the main parser and on every sub-command (``ussbench -v run`` and ``ussbench run -v``)."""
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("-v", "--verbose", action="count", help="show progress messages (-v: info, -vv: debug)",
+                        **({"default": 0} if not suppress else default))  # fmt: skip
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="logging level (overrides -v)",
+                        **default)  # fmt: skip
+
+
+def _add_run(sub) -> None:
     run = sub.add_parser("run", help="run a grid file and write its leaderboard")
-    run.add_argument("--grid", required=True, help="grid YAML file, e.g. benchmarks/msrc_grid.yaml")
-    run.add_argument("--data-root", help="folder holding the datasets (overrides the grid's data_root)")
+    _logging_options(run, suppress=True)
+    run.add_argument("--grid", required=True,
+                     help="grid file, or the name of a shipped grid in the project's benchmarks/ (e.g. msrc_grid.yaml)")  # fmt: skip
+    run.add_argument("--data-root", help="folder holding the datasets (overrides the grid's data_root; default: the project's data/)")  # fmt: skip
     run.add_argument("--output", help="report folder (default: the grid's output, else reports/<name>)")
     run.add_argument(
         "--cache-dir", help="feature/stage cache folder (default: the grid's, else .cache/ussbench)"
     )
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the grid)")
     run.add_argument("--seeds", type=int, nargs="+", help="seeds (override the grid)")
-    run.add_argument("--limit", type=int, help="use only the first N images of each dataset (quick runs)")
+    run.add_argument(
+        "--limit", type=_positive_int, help="use only the first N >= 1 images of each dataset (quick runs)"
+    )
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a grid key or plugin parameter, value in YAML (repeatable): seeds=[0], "
+                          "protocol.crf=false, image_clusterers.acg.epochs=5 (STAGE.LABEL-or-NAME-or-INDEX.PARAM)")  # fmt: skip
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate, print the expanded cells and which are finished or cached, run nothing")  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-report", action="store_true", help="run cells only; build the report later")
+
+
+def _add_list(sub) -> None:
     lst = sub.add_parser("list", help="show every registered plugin by kind with its parameters and defaults")
+    _logging_options(lst, suppress=True)
     lst.add_argument("--kind", choices=registry.KINDS)
     lst.add_argument(
         "--plugins", nargs="*", default=[], help="extra plugin modules (dotted names or .py files) to import"
     )
+
+
+def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="rebuild the report of a grid output folder from its finished cells")
+    _logging_options(rep, suppress=True)
     rep.add_argument("output", help="the grid's output folder, e.g. reports/msrc")
     rep.add_argument("--name", help="grid name shown in the report (default: folder name)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ussbench", description="Benchmark USS clustering strategies on frozen ViT features.")
+    p.add_argument("--version", action="version", version=f"ussbench {__version__}")
+    _logging_options(p, suppress=False)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_list(sub)
+    _add_report(sub)
     return p
 
 
@@ -58,37 +113,83 @@ def cmd_list(kind: str | None, plugins: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import limit_images, load_grid
-    from .runner import run_grid
+    from .limits import check_grid, clipping_summary
 
     overrides = {"data_root": args.data_root, "output": args.output, "cache_dir": args.cache_dir,
                  "device": args.device, "seeds": args.seeds}  # fmt: skip
-    grid = load_grid(args.grid, overrides)
-    if args.limit:
+    grid = load_grid(args.grid, overrides, sets=args.sets)
+    if args.limit is not None:
         grid = limit_images(grid, args.limit)
+    clipped = check_grid(grid)
+    if clipped:
+        log.warning(clipping_summary(clipped))
+    if args.dry_run:
+        from .dryrun import describe
+
+        print("\n".join(describe(grid)))
+        return 0
+    from .runner import run_grid
+
+    log.info("grid %s from %s; data root %s", grid.name, grid.path, grid.data_root)
     summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report)
     print(f"grid {grid.name}: {summary.n_cells} cells ({summary.n_run} run, {summary.n_resumed} resumed) "
           f"in {summary.seconds:.1f} s -> {summary.output}/leaderboard.md")  # fmt: skip
     return 0
 
 
+def cmd_report(output: str, name: str | None) -> int:
+    from .reports.build import build_report
+
+    out = Path(output)
+    if not out.is_dir():
+        raise ConfigError(f"report folder {output!r} does not exist")
+    if not any((out / "cells").glob("*.json")):
+        raise ConfigError(
+            f"{output!r} holds no finished cells ({out / 'cells'}/*.json): not a grid output folder, or no "
+            "cell has finished yet (run the grid first)"
+        )
+    paths = build_report(out, grid_name=name or out.resolve().name)
+    print(f"report written: {paths['markdown']}")
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """Send ussbench's log records to stderr through tqdm (bars stay intact) at the level asked for."""
+    from tqdm.auto import tqdm
+
+    class TqdmHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                tqdm.write(self.format(record), file=sys.stderr)
+            except Exception:  # noqa: BLE001 - logging must never raise
+                self.handleError(record)
+
+    level = args.log_level or ("DEBUG" if args.verbose >= 2 else "INFO" if args.verbose == 1 else "WARNING")
+    for handler in [h for h in log.handlers if getattr(h, "_ussbench_cli", False)]:
+        log.removeHandler(handler)
+    handler = TqdmHandler()
+    handler._ussbench_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args)
     try:
         if args.command == "list":
             return cmd_list(args.kind, args.plugins)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "report":
-            from .reports.build import build_report
-
-            out = Path(args.output)
-            paths = build_report(out, grid_name=args.name or out.name)
-            print(f"report written: {paths['markdown']}")
-            return 0
+            return cmd_report(args.output, args.name)
     except UssbenchError as exc:
-        print(f"ussbench: error: {exc}", file=sys.stderr)
+        print("ussbench: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ussbench: interrupted (finished cells are kept; run again to resume)", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -1,21 +1,24 @@
 """Grid files: YAML naming datasets, backbones, one plugin list per stage, seeds and the protocol.
 
 Everything is validated before any work starts; each problem is one line naming the file, the key and
-what was expected. Relative paths are resolved against the current working directory (run from the repo
-root, as the README does).
+what was expected. A grid may name a ``base`` grid and override its top-level keys. Paths written in a
+grid file (``data_root``, ``plugins``, ``base``) are relative to that file's folder; paths given on the
+command line are relative to the current folder; ``output`` and ``cache_dir`` are relative to the current
+folder. Without any ``data_root`` the project's shipped ``data/`` folder is used (see :mod:`.paths`).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import registry
-from .errors import ConfigError
+from .errors import ConfigError, PluginError
+from .paths import default_data_root, resolve_grid_path
+from .yaml_loader import load_yaml_file
 
 STAGE_KEYS = {
     "datasets": "dataset",
@@ -27,9 +30,10 @@ STAGE_KEYS = {
 }
 OPTIONAL_STAGES = {"feature_learners", "postprocess"}  # "none" means the stage is skipped
 TOP_LEVEL_KEYS = {
-    "name", "description", "data_root", "output", "cache_dir", "device", "seeds", "plugins", "protocol", "exclude",
-    *STAGE_KEYS,
+    "name", "description", "base", "data_root", "output", "cache_dir", "device", "seeds", "plugins", "protocol",
+    "exclude", *STAGE_KEYS,
 }  # fmt: skip
+NOT_INHERITED = ("name", "description", "output")  # each grid file names itself and its report folder
 ENTRY_KEYS = {"name", "params", "preset", "label"}
 PROTOCOL_KEYS = {
     "name": (str, "default"),
@@ -68,7 +72,7 @@ class StageEntry:
 
 @dataclass
 class Grid:
-    """A validated grid file."""
+    """A validated grid file (after its ``base`` chain, command-line flags and ``--set`` overrides)."""
 
     path: Path
     name: str
@@ -83,6 +87,8 @@ class Grid:
     protocol: dict[str, Any]
     exclude: list[dict[str, str]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)  # the grid file, then its base, its base's base, ...
+    sets: list[str] = field(default_factory=list)  # --set KEY=VALUE overrides, in order
 
 
 def _suggest(word: str, options) -> str:
@@ -90,33 +96,33 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid:
-    """Read and validate a grid file; ``overrides`` (from the CLI) replace top-level keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+def load_grid(
+    path: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> Grid:
+    """Read and validate a grid file (a path, or a bare name of a shipped grid).
+
+    ``overrides`` (the CLI's dedicated flags) replace top-level keys; ``sets`` are ``KEY=VALUE`` strings
+    (``--set``) applied after them. Both are validated exactly like keys written in the file.
+    """
+    from .overrides import apply_set
+
+    path = resolve_grid_path(path)
+    raw, sources = read_composed(path)
     for key, value in (overrides or {}).items():
         if value is not None:
-            raw[key] = value
-    where = str(path)
-    for key in raw:
-        if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, TOP_LEVEL_KEYS)}; "
-                              f"expected some of {', '.join(sorted(TOP_LEVEL_KEYS))}")  # fmt: skip
-    for module in _as_list(raw.get("plugins", []), f"{where}: key 'plugins'", str):
-        registry.import_plugin_module(module, base_dir=Path.cwd())
+            raw[key] = _cli_path(value) if key == "data_root" else value
+    for text in sets or []:
+        apply_set(raw, text)
+    where = str(path) + (" (with --set)" if sets else "")
+    for i, module in enumerate(_as_list(raw.get("plugins", []) or [], f"{where}: key 'plugins'", str)):
+        try:
+            registry.import_plugin_module(module, base_dir=Path.cwd())
+        except PluginError as exc:
+            raise PluginError(f"{where}: plugins[{i}]: {exc}") from None
     name = raw.get("name") or path.stem
     if not isinstance(name, str):
         raise ConfigError(f"{where}: key 'name' expects a string, got {name!r}")
-    seeds = _as_list(raw.get("seeds", [0]), f"{where}: key 'seeds'", int)
-    if not seeds:
-        raise ConfigError(f"{where}: key 'seeds' must list at least one integer seed")
+    seeds = _parse_seeds(raw.get("seeds", [0]), f"{where}: key 'seeds'")
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not (isinstance(device, str) and device.startswith("cuda:")):
         raise ConfigError(f"{where}: key 'device' expects auto, cpu, cuda or cuda:N, got {device!r}")
@@ -128,8 +134,9 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
         items = _as_list(entries, f"{where}: key {key!r}", (str, dict))
         if not items:
             raise ConfigError(f"{where}: key {key!r} must list at least one {kind} plugin")
-        stages[key] = _unique_labels(
-            [_parse_entry(item, kind, f"{where}: {key}[{i}]") for i, item in enumerate(items)]
+        stages[key] = _distinct_entries(
+            [_parse_entry(item, kind, f"{where}: {key}[{i}]") for i, item in enumerate(items)],
+            f"{where}: {key}",
         )
     protocol = _parse_protocol(raw.get("protocol", {}) or {}, f"{where}: protocol")
     if protocol.get("crf"):
@@ -139,18 +146,17 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
                     f"{where}: postprocess[{i}] ({entry.name}) with protocol.crf on would post-process twice; "
                     "set postprocess: [none] or protocol.crf: false"
                 )
-    exclude = _parse_exclude(raw.get("exclude", []) or [], f"{where}: exclude")
-    data_root = raw.get("data_root")
-    if data_root is not None and not isinstance(data_root, str):
-        raise ConfigError(f"{where}: key 'data_root' expects a path string, got {data_root!r}")
-    if data_root is not None and not Path(data_root).expanduser().is_dir():
-        raise ConfigError(f"{where}: data_root {data_root!r} does not exist (pass --data-root DIR)")
+    exclude = _parse_exclude(raw.get("exclude", []) or [], stages, f"{where}: exclude")
+    data_root = _data_root(raw, where)
+    for key in ("output", "cache_dir"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"{where}: key {key!r} expects a path string, got {raw[key]!r}")
     return Grid(
         path=path,
         name=name,
         description=str(raw.get("description", "")),
         data_root=data_root,
-        output=Path(raw.get("output") or Path("reports") / name),
+        output=Path(raw.get("output") or Path("reports") / name).expanduser(),
         cache_dir=Path(raw.get("cache_dir") or ".cache/ussbench").expanduser(),
         device=device,
         seeds=seeds,
@@ -159,7 +165,99 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
         protocol=protocol,
         exclude=exclude,
         raw=raw,
+        sources=sources,
+        sets=list(sets or []),
     )
+
+
+def read_composed(path: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The grid file's top-level keys over those of its ``base`` chain, with file-relative paths made absolute.
+
+    Every top-level key a grid sets replaces its base's value as a whole (lists and the protocol mapping
+    included), except ``name``, ``description`` and ``output``, which are never inherited.
+    """
+    chain: list[Path] = []
+    layers: list[dict[str, Any]] = []
+    current: Path | None = path
+    while current is not None:
+        resolved = current.resolve()
+        if resolved in chain:
+            cycle = " -> ".join(str(p) for p in [*chain, resolved])
+            raise ConfigError(f"{chain[-1]}: key 'base' makes a cycle: {cycle}")
+        chain.append(resolved)
+        raw = _read_one(current)
+        layers.append(raw)
+        base = raw.pop("base", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"{current}: key 'base' expects a grid file name, got {base!r}")
+        current = (
+            resolve_grid_path(base, relative_to=current.parent, skip=current) if base is not None else None
+        )
+    merged: dict[str, Any] = {}
+    for depth, layer in enumerate(reversed(layers)):
+        inherited = {k: v for k, v in merged.items() if k not in NOT_INHERITED}
+        merged = {**inherited, **layer} if depth else dict(layer)
+    return merged, chain
+
+
+def _read_one(path: Path) -> dict[str, Any]:
+    """One grid file's keys (checked against the known top-level keys), its relative paths made absolute."""
+    raw = load_yaml_file(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(str(key), TOP_LEVEL_KEYS)}; "
+                              f"expected some of {', '.join(sorted(TOP_LEVEL_KEYS))}")  # fmt: skip
+    folder = path.resolve().parent
+    data_root = raw.get("data_root")
+    if isinstance(data_root, str):
+        raw["data_root"] = str((folder / Path(data_root).expanduser()).resolve())
+    plugins = raw.get("plugins")
+    if isinstance(plugins, list):
+        raw["plugins"] = [_plugin_path(p, folder) for p in plugins]
+    return raw
+
+
+def _plugin_path(ref: Any, folder: Path) -> Any:
+    """A plugin file named relative to the grid's folder (else to the current folder) as an absolute path."""
+    if not isinstance(ref, str) or not (ref.endswith(".py") or "/" in ref):
+        return ref  # a dotted module name (or a bad value that validation reports)
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return ref
+    beside = folder / path
+    return str(beside if beside.is_file() or not path.is_file() else path.resolve())
+
+
+def _cli_path(value: Any) -> Any:
+    return str(Path(value).expanduser().resolve()) if isinstance(value, str) else value
+
+
+def _data_root(raw: dict[str, Any], where: str) -> str | None:
+    """The grid's data root: as set (must exist), else the project's shipped ``data/`` (None if there is none)."""
+    data_root = raw.get("data_root")
+    if data_root is None:
+        default = default_data_root()
+        return str(default) if default is not None else None
+    if not isinstance(data_root, str):
+        raise ConfigError(f"{where}: key 'data_root' expects a path string, got {data_root!r}")
+    if not Path(data_root).expanduser().is_dir():
+        raise ConfigError(f"{where}: data_root {data_root!r} does not exist (pass --data-root DIR)")
+    return data_root
+
+
+def _parse_seeds(value: Any, where: str) -> list[int]:
+    seeds = _as_list(value, where, int)
+    if not seeds:
+        raise ConfigError(f"{where} must list at least one integer seed")
+    for i, seed in enumerate(seeds):
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"{where}[{i}]: expected an integer seed in 0..2**32-1, got {seed}")
+    dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: seed {dupes[0]} is listed twice; each seed gives one run of every cell")
+    return seeds
 
 
 def _as_list(value: Any, where: str, item_type) -> list:
@@ -207,15 +305,18 @@ def _default_label(name: str, params: dict[str, Any], preset: str | None) -> str
     return " ".join(parts)
 
 
-def _unique_labels(entries: list[StageEntry]) -> list[StageEntry]:
-    seen: dict[str, int] = {}
-    for e in entries:
-        seen[e.label] = seen.get(e.label, 0) + 1
-    dupes = [label for label, n in seen.items() if n > 1]
-    if dupes:
-        raise ConfigError(
-            f"two entries of the same stage share the label {dupes[0]!r}; give each a distinct 'label'"
-        )
+def _distinct_entries(entries: list[StageEntry], where: str) -> list[StageEntry]:
+    """Refuse two entries of one stage with the same label, or the same plugin with the same parameters."""
+    for (i, a), (j, b) in itertools.combinations(enumerate(entries), 2):
+        if a.label == b.label:
+            raise ConfigError(
+                f"{where}[{i}] and [{j}] share the label {a.label!r}; give each a distinct 'label'"
+            )
+        if a.identity() == b.identity():
+            raise ConfigError(
+                f"{where}[{i}] ({a.label!r}) and [{j}] ({b.label!r}) are the same plugin with the same "
+                "parameters; every cell would be computed twice"
+            )
     return entries
 
 
@@ -270,26 +371,49 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
     return out
 
 
-def _parse_exclude(raw: list, where: str) -> list[dict[str, str]]:
+def _parse_exclude(raw: Any, stages: dict[str, list[StageEntry]], where: str) -> list[dict[str, str]]:
+    """Exclude rules: each names, per stage, a label or plugin name that the stage has (refused otherwise)."""
     stage_names = {v: k for k, v in STAGE_KEYS.items()}
     out = []
     for i, rule in enumerate(_as_list(raw, where, dict)):
+        if not rule:
+            raise ConfigError(f"{where}[{i}]: an empty rule would exclude every cell")
         for key, value in rule.items():
             if key not in stage_names:
-                raise ConfigError(f"{where}[{i}]: unknown stage {key!r}{_suggest(key, stage_names)}")
+                raise ConfigError(f"{where}[{i}]: unknown stage {key!r}{_suggest(str(key), stage_names)}")
             if not isinstance(value, str):
                 raise ConfigError(
                     f"{where}[{i}].{key}: expected a label or plugin name string, got {value!r}"
                 )
+            entries = stages[stage_names[key]]
+            if not any(value in (e.label, e.name) for e in entries):
+                have = ", ".join(dict.fromkeys(repr(e.label) for e in entries))
+                raise ConfigError(
+                    f"{where}[{i}].{key}: {value!r} is no label or plugin name of {stage_names[key]} "
+                    f"(labels: {have}), so the rule matches no cell"
+                )
         out.append(dict(rule))
+    if out and _every_cell_excluded(stages, out):
+        raise ConfigError(f"{where}: the rules exclude every cell of the grid")
     return out
 
 
-def limit_images(grid: Grid, limit: int) -> Grid:
-    """Restrict every dataset of the grid to its first ``limit`` images (quick runs and tests)."""
-    from dataclasses import replace
+def _every_cell_excluded(stages: dict[str, list[StageEntry]], rules: list[dict[str, str]]) -> bool:
+    kinds = list(STAGE_KEYS.values())
+    for combo in itertools.product(*(stages[key] for key in STAGE_KEYS)):
+        by_kind = dict(zip(kinds, combo))
+        if not any(all(v in (by_kind[k].label, by_kind[k].name) for k, v in rule.items()) for rule in rules):
+            return False
+    return True
 
-    if limit < 1:
+
+def limit_images(grid: Grid, limit: int) -> Grid:
+    """Restrict every dataset of the grid to its first ``limit`` images (quick runs and tests).
+
+    A limited dataset also lets a cell clip a cluster count above its number of vectors (with a note in
+    its results, see :mod:`.limits`) instead of refusing it.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"--limit expects a positive number of images, got {limit}")
     limited = []
     for entry in grid.stages["datasets"]:

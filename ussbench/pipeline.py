@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .evaluation.metrics import ConfusionMatrix, evaluate_counts
 from .evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
 from .image_clusterers._common import pick_feature, recorded_choices
+from .limits import fit_clusters_to_vectors
 
 STAGE_ORDER = (
     "dataset",
@@ -271,10 +272,14 @@ class CellRunner:
         dc_entry = cell.entry("dataset_clusterer")
         k_total = self.protocol.get("n_clusters") or num_classes
         k_dc = int(dc_entry.params.get("n_clusters", k_total - int(has_bg)))
-        dc = build_plugin(dc_entry, {"seed": seed, "device": dev, "n_clusters": k_dc})
-        k_dc = int(getattr(dc, "n_clusters", k_dc))
         fg_masks = [_foreground(s) for s in segments]
         X = torch.cat([s.vectors[m].float() for s, m in zip(segments, fg_masks)])
+        # more clusters than vectors: refused, or clipped on a --limit run with a note (ussbench.limits)
+        dc_entry, k_dc, clusters_note = fit_clusters_to_vectors(cell, dc_entry, k_dc, int(X.shape[0]))
+        if clusters_note:
+            row["note"] = clusters_note
+        dc = build_plugin(dc_entry, {"seed": seed, "device": dev, "n_clusters": k_dc})
+        k_dc = int(getattr(dc, "n_clusters", k_dc))
         t0 = time.perf_counter()
         assigned = dc.fit(X).predict(X).long().cpu()
         row["time_dataset_clusterer_s"] = time.perf_counter() - t0

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import pkgutil
 import sys
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,7 +160,11 @@ def load_entry_points(force: bool = False) -> list[str]:
 
 
 def import_plugin_module(ref: str, base_dir: Path | None = None) -> types.ModuleType:
-    """Import a user's plugin module by dotted name or by path to a ``.py`` file (relative to base_dir)."""
+    """Import a user's plugin module by dotted name or by path to a ``.py`` file (relative to base_dir).
+
+    Any exception the module raises while importing becomes one PluginError line naming the module, the
+    exception and the module's line where it was raised.
+    """
     if ref.endswith(".py") or "/" in ref:
         path = Path(ref)
         if not path.is_absolute() and base_dir is not None:
@@ -175,14 +180,44 @@ def import_plugin_module(ref: str, base_dir: Path | None = None) -> types.Module
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception:
+        except Exception as exc:
             del sys.modules[module_name]
-            raise
+            raise PluginError(_import_failure(str(path), exc, path.resolve())) from exc
         return module
     try:
         return importlib.import_module(ref)
     except ImportError as exc:
         raise PluginError(f"plugin module {ref!r} could not be imported: {exc}") from exc
+    except Exception as exc:
+        raise PluginError(_import_failure(ref, exc, _module_file(ref))) from exc
+
+
+def _module_file(ref: str) -> Path | None:
+    """The file of an importable module (to name the line where it raised), or None."""
+    try:
+        spec = importlib.util.find_spec(ref)
+    except Exception:  # its package raises too
+        return None
+    return Path(spec.origin).resolve() if spec is not None and spec.origin else None
+
+
+def _import_failure(ref: str, exc: Exception, path: Path | None) -> str:
+    """One line: which plugin module raised what, and on which of its lines."""
+    if isinstance(exc, SyntaxError):
+        line = exc.lineno
+    else:
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if path is not None and Path(f.filename).resolve() == path
+        ]
+        line = frames[-1].lineno if frames else None
+    at = f" (line {line})" if line is not None else ""
+    text = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+    message = text.splitlines()[0] if text else ""
+    return f"plugin module {ref!r} raised {type(exc).__name__} on import{at}" + (
+        f": {message}" if message else ""
+    )
 
 
 def _ensure_loaded() -> None:

@@ -16,21 +16,26 @@ FileTriple = tuple[str, Path, Path]  # (image id, image path, label path)
 
 
 def resolve_root(root: str | None, data_root: str | None, default_subdir: str, dataset: str) -> Path:
-    """The dataset folder: ``root`` if given (relative to data_root when relative), else data_root/default."""
+    """The dataset folder: ``root`` if given (relative to data_root when relative), else data_root/default.
+
+    A missing folder is one DataError line saying what was expected where, and the flag that points a grid
+    at another copy (``--data-root DIR``, DIR holding ``default_subdir``).
+    """
+    hint = f"pass --data-root DIR, where DIR holds {default_subdir.rstrip('/.') or 'the dataset'}/"
     if root is not None:
         path = Path(root).expanduser()
         if not path.is_absolute() and data_root is not None:
             path = Path(data_root).expanduser() / path
-    elif data_root is not None:
-        path = Path(data_root).expanduser() / default_subdir
-    else:
-        raise DataError(
-            f"dataset {dataset!r} needs 'root' or a data root (--data-root / data_root: in the grid)"
-        )
+        if not path.is_dir():
+            raise DataError(f"dataset {dataset!r}: root folder {str(path)!r} does not exist")
+        return path
+    if data_root is None:
+        raise DataError(f"dataset {dataset!r} needs a data root: {hint} (or give the dataset a 'root')")
+    path = Path(data_root).expanduser() / default_subdir
     if not path.is_dir():
         raise DataError(
-            f"dataset {dataset!r}: folder {str(path)!r} does not exist (expected {default_subdir}/ "
-            f"under the data root)"
+            f"dataset {dataset!r}: {default_subdir}/ not found under the data root {str(data_root)!r} "
+            f"({str(path)!r} does not exist); {hint}"
         )
     return path
 
@@ -103,14 +108,36 @@ def lookup_byte_labels(
     return label
 
 
+def image_file_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """(H, W) of an image file from its header only (no pixel decoding); unreadable files raise DataError."""
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+
+
+def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest resize of a label map to (H, W): each output pixel centre takes the label under it."""
+    h, w = label.shape
+    H, W = size
+    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
+    return label[rows[:, None], cols[None, :]]
+
+
 class FileListDataset(Dataset):
     """A dataset listed once as (id, image, label) triples cut to ``limit``: RGB images, table-mapped PNG labels.
 
     Subclasses keep their own explicit ``__init__`` (the registry reads parameters from it) and implement
-    ``_list_files``; they override ``load_image`` / ``load_label`` where their files are not RGB / label PNGs.
+    ``_list_files``; they override ``load_image`` / ``load_label`` where their files are not RGB / label PNGs
+    (passing the label through :meth:`_fit_label`). A label map whose size differs from its image is a
+    DataError naming the file, found before any work by :meth:`check`, unless ``resize_labels`` is set (the
+    label is then resized nearest to the image).
     """
 
     limit: int | None
+    resize_labels: bool = False
     _table: np.ndarray
     _items: list[FileTriple] | None = None
 
@@ -132,4 +159,46 @@ class FileListDataset(Dataset):
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
-        return remap(read_label_png(path), self._table, path)
+        return self._fit_label(remap(read_label_png(path), self._table, path), index)
+
+    def check(self) -> None:
+        super().check()
+        self.check_label_sizes()
+
+    def cache_identity(self) -> dict:
+        """As the base class, without ``resize_labels``: labels do not change the cached features."""
+        identity = super().cache_identity()
+        identity["params"].pop("resize_labels", None)
+        return identity
+
+    def header_sizes(self, index: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """((H, W) of the image, (H, W) of the label) read from file headers, or None where that is not cheap."""
+        _, image, label = self._files()[index]
+        return image_file_size(image), image_file_size(label, "label")
+
+    def check_label_sizes(self) -> None:
+        """DataError naming the first label file whose size differs from its image (headers only)."""
+        if self.resize_labels:
+            return
+        for index in range(len(self._files())):
+            sizes = self.header_sizes(index)
+            if sizes is not None and sizes[0] != sizes[1]:
+                raise self._size_error(index, sizes[1], sizes[0])
+
+    def _fit_label(
+        self, label: np.ndarray, index: int, image_size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """The label map checked against (or, with ``resize_labels``, resized nearest to) its image's size."""
+        size = image_size or self.header_sizes(index)[0]
+        if label.shape == tuple(size):
+            return label
+        if not self.resize_labels:
+            raise self._size_error(index, label.shape, size)
+        return resize_nearest(label, size)
+
+    def _size_error(self, index: int, label_size: tuple[int, ...], image_size: tuple[int, ...]) -> DataError:
+        _, image, label = self._files()[index]
+        return DataError(
+            f"label file {str(label)!r} is {label_size[1]}x{label_size[0]} but its image {image.name!r} is "
+            f"{image_size[1]}x{image_size[0]} (W x H); fix the file or set the dataset's resize_labels: true"
+        )

@@ -26,11 +26,13 @@ class CamVid(FileListDataset):
         root: str | None = None,
         data_root: str | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         self.split = split
         self.root = root
         self.data_root = data_root
         self.limit = limit
+        self.resize_labels = resize_labels
         self.class_names = list(CAMVID_CLASSES)
         self.num_classes = 11
         self._table = identity_table(11)

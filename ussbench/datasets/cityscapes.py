@@ -73,12 +73,14 @@ class Cityscapes27(FileListDataset):
         root: str | None = None,
         data_root: str | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         self.split = split
         self.strict_count = strict_count
         self.root = root
         self.data_root = data_root
         self.limit = limit
+        self.resize_labels = resize_labels
         self.class_names = list(CITYSCAPES27_CLASSES)
         self.num_classes = 27
         self._table = cityscapes27_lookup()
@@ -105,4 +107,4 @@ class Cityscapes27(FileListDataset):
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
-        return lookup_byte_labels(read_label_png(path), self._table, path)
+        return self._fit_label(lookup_byte_labels(read_label_png(path), self._table, path), index)

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..base import Dataset
 from ..errors import ConfigError, DataError
 from ..registry import register
 from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
@@ -71,6 +72,7 @@ class CocoStuff27(FileListDataset):
         root: str | None = None,
         data_root: str | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         if list_file is not None and split == "train+val":
             raise ConfigError("cocostuff27: list_file names one list; use split 'val' or 'train' with it")
@@ -80,6 +82,7 @@ class CocoStuff27(FileListDataset):
         self.root = root
         self.data_root = data_root
         self.limit = limit
+        self.resize_labels = resize_labels
         _, self.class_names, _ = fine_to_coarse_table()
         self.num_classes = 27
         self._table = coarse_lookup()
@@ -106,10 +109,13 @@ class CocoStuff27(FileListDataset):
         return items
 
     def check(self) -> None:
-        super().check()
+        Dataset.check(self)  # the listed files must exist before their sizes are compared
         check_listed_files([p for _, img, lab in self._files() for p in (img, lab)], "cocostuff27")
+        self.check_label_sizes()
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
         valid = "COCO-Stuff uses 0..181 and 255"
-        return lookup_byte_labels(read_label_png(path), self._table, path, valid=valid)
+        return self._fit_label(
+            lookup_byte_labels(read_label_png(path), self._table, path, valid=valid), index
+        )

@@ -23,6 +23,7 @@ class ImageMaskFolder(FileListDataset):
         ignore_index: int = 255,
         class_names: list[str] | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         if num_classes < 1:
             raise ConfigError(f"image_folder: num_classes must be >= 1, got {num_classes}")
@@ -36,6 +37,7 @@ class ImageMaskFolder(FileListDataset):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.limit = limit
+        self.resize_labels = resize_labels
         self._table = identity_table(num_classes, max(256, ignore_index + 1))
 
     def _list_files(self) -> list[FileTriple]:

@@ -43,11 +43,13 @@ class MSRCv2(FileListDataset):
         root: str | None = None,
         data_root: str | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         self.classes = classes
         self.root = root
         self.data_root = data_root
         self.limit = limit
+        self.resize_labels = resize_labels
         self._table, self.class_names = msrc_lookup(classes)
         self.num_classes = len(self.class_names)
 

@@ -83,11 +83,13 @@ class Potsdam3(FileListDataset):
         root: str | None = None,
         data_root: str | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         self.split = split
         self.root = root
         self.data_root = data_root
         self.limit = limit
+        self.resize_labels = resize_labels
         self.class_names = list(POTSDAM3_CLASSES)
         self.num_classes = 3
         self._table = potsdam3_lookup()
@@ -120,4 +122,9 @@ class Potsdam3(FileListDataset):
             raw = raw[:, :, 0]
         if raw.ndim != 2:
             raise DataError(f"label {str(path)!r} must be (H, W), got shape {raw.shape}")
-        return lookup_byte_labels(raw, self._table, path, "label", "Potsdam uses 0..5 and 255")
+        label = lookup_byte_labels(raw, self._table, path, "label", "Potsdam uses 0..5 and 255")
+        return self._fit_label(label, index, self.load_image(index).shape[:2])
+
+    def header_sizes(self, index: int) -> None:
+        """MATLAB tiles have no cheap header: their sizes are compared when a label is loaded."""
+        return None

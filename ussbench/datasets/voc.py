@@ -29,11 +29,13 @@ class VOC2012(FileListDataset):
         root: str | None = None,
         data_root: str | None = None,
         limit: int | None = None,
+        resize_labels: bool = False,
     ):
         self.split = split
         self.root = root
         self.data_root = data_root
         self.limit = limit
+        self.resize_labels = resize_labels
         self.class_names = list(VOC_CLASSES)
         self.num_classes = 21
         self._table = identity_table(21)

@@ -1,0 +1,53 @@
+"""``ussbench run --dry-run``: the grid's expanded cells, which are finished, and what the cache holds.
+
+Validates the grid like a run (data, plugins, weight files) but runs no cell and writes no result.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .config import STAGE_KEYS, Grid
+
+
+def finished_cell_ids(output: Path) -> set[str]:
+    """Ids of the cells whose record exists in ``<output>/cells``."""
+    return {p.stem for p in (output / "cells").glob("*.json")} if (output / "cells").is_dir() else set()
+
+
+def cache_entries(cache_dir: Path) -> dict[str, int]:
+    """Number of stored entries per stage folder of the cache (features, learned, segments, ...)."""
+    if not cache_dir.is_dir():
+        return {}
+    return {d.name: sum(1 for _ in d.glob("*.pt")) for d in sorted(cache_dir.iterdir()) if d.is_dir()}
+
+
+def describe(grid: Grid) -> list[str]:
+    """Lines describing what ``run`` would do: one per cell (finished or to run) and a summary."""
+    from .pipeline import STAGE_ORDER
+    from .runner import expand_cells, validate_grid
+
+    validate_grid(grid)
+    cells = expand_cells(grid)
+    done = finished_cell_ids(grid.output)
+    sizes = " x ".join(f"{len(grid.stages[key])} {key}" for key in STAGE_KEYS) + f" x {len(grid.seeds)} seeds"
+    lines = [
+        f"grid {grid.name} ({' <- '.join(str(p) for p in grid.sources) or grid.path}"
+        + (f"; --set {' '.join(grid.sets)}" if grid.sets else "")
+        + ")",
+        f"  {len(cells)} cells = {sizes}, minus {len(grid.exclude)} exclude rule(s)",
+        f"  data root {grid.data_root}; output {grid.output}; cache {grid.cache_dir}",
+    ]
+    status = Counter()
+    for cell in cells:
+        cid = cell.cell_id(grid.protocol)
+        state = "finished" if cid in done else "to run"
+        status[state] += 1
+        labels = " | ".join(cell.entry(kind).label for kind in STAGE_ORDER)
+        lines.append(f"  {state:8s} {cid}  {labels} | seed {cell.seed}")
+    cached = cache_entries(grid.cache_dir)
+    held = ", ".join(f"{stage} {n}" for stage, n in cached.items() if stage != "weights") or "nothing"
+    lines.append(f"{status['finished']} finished, {status['to run']} to run; cache holds {held} entries")
+    lines.append("dry run: nothing was computed or written")
+    return lines
