@@ -105,7 +105,13 @@ def old_package(rev: str = BASELINE_REV):
         tar.extractall(root, filter="data")
     (root / "ussbench").rename(root / "ussbench_old")
     sys.path.insert(0, str(root))
-    return importlib.import_module("ussbench_old")
+    package = importlib.import_module("ussbench_old")
+    # the clusterer modules the benchmarks reach as attributes (``old.dataset_clusterers.kmeans``)
+    for sub in ("dataset_clusterers", "image_clusterers"):
+        for path in sorted((root / "ussbench_old" / sub).glob("*.py")):
+            if path.stem != "__init__":
+                importlib.import_module(f"ussbench_old.{sub}.{path.stem}")
+    return package
 
 
 def study_features(dataset: str = "msrc_v2", cache_dir: str | None = None, data_root: str | None = None):
