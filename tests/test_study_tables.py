@@ -39,7 +39,7 @@ def test_ratios_and_claims_follow_the_per_seed_values(tmp_path, st):
     miou[(st.MASKED, st.KM)] = [k - 2.0 + 0.1 * i for i, k in enumerate(km)]  # clearly below DSM
     miou[(st.ACG, st.KM)] = [k + 1.0 + 0.1 * i for i, k in enumerate(km)]  # clearly above the masked row
     miou[(st.DSM, "OTC")] = [k + 0.05 * (-1) ** i for i, k in enumerate(km)]  # ~ KMeans
-    miou[(st.DSM, "ABC (study loss)")] = [5.0, 6.0, 7.0]  # 5 below KMeans
+    miou[(st.DSM, st.ABC_STUDY)] = [5.0, 6.0, 7.0]  # 5 below KMeans
     miou[(st.DSM, "KMeans cos")] = [k + 3.0 + 0.2 * i for i, k in enumerate(km)]  # differs by > 1
     write_report(tmp_path, st, miou)
     text = st.tables(tmp_path)
@@ -64,3 +64,13 @@ def test_one_seed_leaves_every_claim_undecided(tmp_path, st):
     text = st.tables(tmp_path)
     claims = text.split("claims")[1]
     assert claims.count("undecided (one seed)") == len(st.CLAIMS)
+
+
+def test_rows_a_grid_cut_read_not_run(tmp_path, st):
+    values = {(ic, dc): [10.0, 11.0, 12.0] for _, _, _, ic, dc in st.ROWS if ic != st.MASKED}
+    write_report(tmp_path, st, values)
+    text = st.tables(tmp_path)
+    masked = next(line for line in text.splitlines() if line.startswith("| DSM: masked attention"))
+    assert "not run (cut)" in masked
+    assert "not run (cut)" in claim_line(text, "Table 1: DSM > DSM masked-attention CLS")
+    assert "not run" not in claim_line(text, "Table 1: DSM > ACG")
