@@ -74,14 +74,30 @@ def test_interrupted_grid_resumes_only_missing_cells(finished, monkeypatch):
     assert calls == [], "features must come from the disk cache, not be recomputed"
 
 
-def test_feature_cache_is_shared_and_corrupt_entries_are_recomputed(tmp_path, finished):
-    grid, _ = finished
+def test_feature_cache_is_shared_and_corrupt_entries_are_recomputed(finished, monkeypatch):
+    """A corrupt feature entry is moved aside and recomputed by the next run, which reproduces the numbers."""
+    grid, summary = finished
     feature_files = list((grid.cache_dir / "features").glob("*.pt"))
     assert len(feature_files) == 1, "all cells share one feature extraction"
+    before = pd.read_csv(summary.output / "results.csv").set_index("cell_id").sort_index()
     feature_files[0].write_bytes(b"not a torch file")
-    cache = Cache(grid.cache_dir)
-    assert cache.load("features", feature_files[0].stem) is None
-    assert not feature_files[0].exists()
+    for record in list((summary.output / "cells").glob("*.json"))[:3]:  # three cells to recompute
+        record.unlink()
+    calls = []
+    import ussbench.backbones.vit as vit
+
+    original = vit.TimmViTBackbone.extract
+    monkeypatch.setattr(
+        vit.TimmViTBackbone, "extract", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    again = run_grid(grid, progress=False)
+    assert (again.n_run, again.n_resumed) == (3, 5)
+    assert calls == [1], "the corrupt entry is recomputed once, not trusted"
+    assert len(list((grid.cache_dir / "corrupt" / "features").iterdir())) == 1  # kept aside for inspection
+    assert Cache(grid.cache_dir).load("features", feature_files[0].stem) is not None  # a valid entry again
+    after = pd.read_csv(summary.output / "results.csv").set_index("cell_id").sort_index()
+    assert list(after.index) == list(before.index)
+    np.testing.assert_array_equal(after.miou.to_numpy(), before.miou.to_numpy())
 
 
 def test_cell_order_keeps_shared_stages_adjacent(tmp_path, toy_root):

@@ -14,6 +14,7 @@ from PIL import Image
 from tests.conftest import tiny_grid
 from ussbench import registry
 from ussbench.base import Backbone, FeatureSet, ImageFeatures
+from ussbench.cache import read_entry
 from ussbench.config import load_grid
 from ussbench.dataset_clusterers.cluster_probe import ClusterProbe
 from ussbench.errors import ConfigError
@@ -69,7 +70,7 @@ def test_bilinear_code_path_matches_a_hand_computation(tmp_path, toy_root):
     assert "miou_no_crf" not in row
 
     (entry,) = (tmp_path / "cache" / "features").glob("*.pt")  # no flipped features without flip TTA
-    features: FeatureSet = torch.load(entry, weights_only=False)
+    features: FeatureSet = read_entry(entry, "features", entry.stem)
     assert features[0].grid == (4, 4)
     X = torch.cat([F.normalize(im.tokens.reshape(-1, im.tokens.shape[-1]).float(), dim=1) for im in features])
     probe = ClusterProbe(n_clusters=6, steps=60, batch_size=64, init="kmeans++", seed=0).fit(X)
@@ -193,11 +194,11 @@ def test_flip_tta_caches_flipped_features_and_learned_flipped_codes(tmp_path, to
     )
     assert {c["row"]["feature_learner"] for c in cells} == {"none", "stego"}
     assert all(c["row"]["flip_tta"] and c["row"]["upsample"] == "bilinear_code" for c in cells)
-    entries = [torch.load(p, weights_only=False) for p in (tmp_path / "cache" / "features").glob("*.pt")]
+    entries = [read_entry(p, "features", p.stem) for p in (tmp_path / "cache" / "features").glob("*.pt")]
     assert len(entries) == 2  # the protocol view and its mirror image
     assert entries[0][0].image_id == entries[1][0].image_id
     assert not torch.equal(entries[0][0].tokens, entries[1][0].tokens)
-    (learned,) = [torch.load(p, weights_only=False) for p in (tmp_path / "cache" / "learned").glob("*.pt")]
+    (learned,) = [read_entry(p, "learned", p.stem) for p in (tmp_path / "cache" / "learned").glob("*.pt")]
     assert len(learned["flipped_codes"]) == len(learned["codes"]) == 6
     assert learned["flipped_codes"][0].shape == learned["codes"][0].shape
     assert not torch.equal(learned["flipped_codes"][0], learned["codes"][0])

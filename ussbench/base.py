@@ -12,6 +12,7 @@ import abc
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,13 @@ class Dataset(Plugin, abc.ABC):
 
     def __getitem__(self, index: int) -> Sample:
         return Sample(self.ids()[index], self.load_image(index), self.load_label(index))
+
+    def data_files(self) -> list[Path] | None:
+        """Every file the images and labels are read from, in order (the data fingerprint hashes them).
+
+        None (the default): the dataset cannot list them, and its fingerprint hashes the decoded arrays.
+        """
+        return None
 
     def cache_identity(self) -> dict[str, Any]:
         """What identifies this dataset's content for the feature cache: plugin, parameters and image ids.

@@ -134,6 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report)
     print(f"grid {grid.name}: {summary.n_cells} cells ({summary.n_run} run, {summary.n_resumed} resumed) "
           f"in {summary.seconds:.1f} s -> {summary.output}/leaderboard.md")  # fmt: skip
+    if summary.n_failed:  # failed cells were recorded and the grid went on; the exit code says so
+        log_file = summary.output / "errors.log"
+        print(f"ussbench: {summary.n_failed} cell(s) failed; see {log_file}", file=sys.stderr)
+        return 1
     return 0
 
 

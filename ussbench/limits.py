@@ -23,7 +23,7 @@ from .config import Grid, StageEntry
 from .errors import ConfigError, UssbenchError
 
 if TYPE_CHECKING:  # the pipeline imports this module
-    from .pipeline import Cell
+    from .graph.cells import Cell
 
 log = logging.getLogger(__name__)
 

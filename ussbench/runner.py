@@ -1,34 +1,36 @@
-"""Grid runner: validate everything, expand the cartesian product of stages x seeds, run each cell once.
+"""Grid runner: validate everything, expand the cells, plan their stage graph, execute it, write the report.
 
 Each finished cell is written atomically to ``<output>/cells/<cell_id>.json`` (+ ``.npz`` panels), so an
-interrupted grid resumes where it stopped; the report is rebuilt from those files at the end.
+interrupted grid resumes where it stopped; a failing cell is recorded and the grid goes on; the report is
+rebuilt from the finished cells at the end. See :mod:`ussbench.graph` for the graph and the executors.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import platform
 import time
-from dataclasses import dataclass
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import __version__
-from .atomic import atomic_write, atomic_write_json
-from .cache import Cache
+from .atomic import atomic_write_json, clean_orphans
 from .config import STAGE_KEYS, Grid, StageEntry
 from .errors import ConfigError
-from .pipeline import STAGE_ORDER, Cell, CellRunner, build_plugin
+from .graph.cells import STAGE_ORDER, Cell, build_plugin
+from .graph.executor import ExecutionSummary, Executor, InProcessExecutor, RecordContext
+from .graph.machine import environment_info
+from .graph.plan import Plan, plan_cells
+from .graph.records import CellStore, load_cells, load_failed
+from .graph.runtime import RunSettings, Runtime
 
 log = logging.getLogger(__name__)
 _STAGE_KEY_OF = {kind: key for key, kind in STAGE_KEYS.items()}
+
+__all__ = ["RunSummary", "expand_cells", "load_cells", "load_failed", "plan_grid", "resolve_device", "run_grid",
+           "validate_grid"]  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,31 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but no CUDA GPU is available (use device: auto or cpu)")
     return torch.device(name)
-
-
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """Library versions and machine facts recorded with every result."""
-    versions = {"ussbench": __version__, "python": platform.python_version()}
-    for dist in (
-        "torch",
-        "timm",
-        "numpy",
-        "scipy",
-        "scikit-learn",
-        "faiss-cpu",
-        "faiss-gpu",
-        "pot",
-        "pandas",
-    ):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    info = {"versions": versions, "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "device": str(device)}  # fmt: skip
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def expand_cells(grid: Grid) -> list[Cell]:
@@ -111,6 +88,29 @@ def _validation_injections(entry: StageEntry, grid: Grid) -> dict[str, Any]:
             "n_clusters": 2, "num_classes": 2}  # fmt: skip
 
 
+def run_settings(grid: Grid, device: torch.device, progress: bool) -> RunSettings:
+    """What every process computing this grid's nodes needs to know."""
+    return RunSettings(device=str(device), protocol=grid.protocol, data_root=grid.data_root,
+                       cache_root=str(grid.cache_dir), progress=progress, plugin_modules=tuple(grid.plugins),
+                       plugin_base_dir=str(Path.cwd()))  # fmt: skip
+
+
+def plan_grid(
+    grid: Grid, progress: bool = False, limit_cells: int | None = None, remember: bool = True
+) -> tuple[Plan, Runtime]:
+    """The validated grid's stage graph (no work done) and the runtime it was planned with.
+
+    ``remember=False`` plans without writing file digests to the cache (``--dry-run``).
+    """
+    validate_grid(grid)
+    device = resolve_device(grid.device)
+    cells = expand_cells(grid)
+    if limit_cells is not None:
+        cells = cells[:limit_cells]
+    rt = Runtime(run_settings(grid, device, progress))
+    return plan_cells(cells, rt, remember), rt
+
+
 @dataclass
 class RunSummary:
     grid: Grid
@@ -119,61 +119,45 @@ class RunSummary:
     n_run: int
     n_resumed: int
     seconds: float
+    n_failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    execution: ExecutionSummary | None = None
 
 
 def run_grid(
-    grid: Grid, progress: bool = True, report: bool = True, limit_cells: int | None = None
+    grid: Grid,
+    progress: bool = True,
+    report: bool = True,
+    limit_cells: int | None = None,
+    executor: Executor | None = None,
 ) -> RunSummary:
-    """Run every cell of a validated grid (skipping finished ones) and write the report."""
-    validate_grid(grid)
-    device = resolve_device(grid.device)
-    cells = expand_cells(grid)
-    if limit_cells is not None:
-        cells = cells[:limit_cells]
+    """Run every cell of a validated grid (skipping finished ones), record failures, and write the report."""
     out = grid.output
+    plan, rt = plan_grid(grid, progress, limit_cells)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    env = environment_info(device)
+    for folder, recursive in (
+        (out, False),
+        (out / "cells", True),
+        (grid.cache_dir, True),
+    ):  # our folders only
+        for path in clean_orphans(folder, recursive):
+            log.info("removed %s (left by a killed run)", path)
+    env = environment_info(rt.device)
     atomic_write_json(out / "run.json", {"grid": grid.raw, "grid_file": str(grid.path), "environment": env,
-                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_cells": len(cells)})  # fmt: skip
-    runner = CellRunner(Cache(grid.cache_dir), device, grid.protocol, grid.data_root, progress)
+                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_cells": len(plan.cells),
+                                         "executor": (executor or InProcessExecutor()).name})  # fmt: skip
     start = time.perf_counter()
-    n_run = n_resumed = 0
-    bar = tqdm(cells, desc=f"grid {grid.name}", disable=not progress, unit="cell")
-    for cell in bar:
-        cid = cell.cell_id(grid.protocol)
-        path = out / "cells" / f"{cid}.json"
-        if path.is_file():
-            n_resumed += 1
-            continue
-        bar.set_postfix_str(
-            " | ".join(cell.entry(k).label for k in STAGE_ORDER[2:5]) + f" | seed {cell.seed}"
-        )
-        row, extras = runner.run(cell)
-        row.update(cell_id=cid, grid=grid.name, environment=env)
-        panels = {f"pred_{k}": v for k, v in extras.pop("panels").items()}
-        panels.update({f"level_{k}": v for k, v in extras.pop("level_panels", {}).items()})
-        artifacts = extras.pop("artifacts")
-        if panels:
-            atomic_write(out / "cells" / f"{cid}.npz", lambda tmp, p=panels: _save_npz(tmp, p))
-        if any(artifacts.values()):
-            atomic_write(out / "cells" / f"{cid}.artifacts.pt", lambda tmp, a=artifacts: torch.save(a, tmp))
-        atomic_write_json(path, {"row": row, **extras, "identity": cell.identity(grid.protocol)})
-        n_run += 1
-        log.info("cell %s: mIoU %.2f", cid, row["miou"])
-    summary = RunSummary(grid, out, len(cells), n_run, n_resumed, time.perf_counter() - start)
+    result = (executor or InProcessExecutor()).run(plan, CellStore(out), rt, RecordContext(grid.name, env))
+    failures = [o.error or "" for o in result.failed]
+    summary = RunSummary(grid, out, len(plan.cells), result.count("run"),
+                         result.count("resumed") + result.count("shared"), time.perf_counter() - start,
+                         len(failures), failures, result)  # fmt: skip
     if report:
-        from .reports.build import build_report
+        if len(failures) == len(plan.cells):
+            log.warning("no cell of grid %s finished; report not written", grid.name)
+        else:
+            from .reports.build import build_report
 
-        build_report(out, grid_name=grid.name, stage_order=[_STAGE_KEY_OF[k] for k in STAGE_ORDER],
-                     cell_ids={cell.cell_id(grid.protocol) for cell in cells})  # fmt: skip
+            build_report(out, grid_name=grid.name, stage_order=[_STAGE_KEY_OF[k] for k in STAGE_ORDER],
+                         cell_ids=set(plan.cell_ids))  # fmt: skip
     return summary
-
-
-def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def load_cells(output: Path) -> list[dict[str, Any]]:
-    """Every finished cell record of a grid output folder."""
-    return [json.loads(p.read_text()) for p in sorted((Path(output) / "cells").glob("*.json"))]

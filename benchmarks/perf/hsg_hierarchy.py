@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="reduced scale for a CPU run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
-        "--features", default=None, help="a torch.save'd FeatureSet to use instead of synthetic maps"
+        "--features", default=None, help="a features cache entry (or FeatureSet file) for the maps"
     )
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=None)
@@ -78,7 +78,10 @@ def main() -> None:
     n_images = args.images or (32 if args.small else 591)
     repeat = args.repeat or (3 if args.small else 10)
     if args.features:
-        fs = torch.load(args.features, weights_only=False)
+        from ussbench.serialization import safe_load
+
+        fs = safe_load(args.features)  # pickle-free; a cache entry holds the FeatureSet under "value"
+        fs = fs["value"] if isinstance(fs, dict) else fs
         maps = [im.tokens for im in fs][:n_images]
     else:
         gen = torch.Generator().manual_seed(0)

@@ -154,6 +154,9 @@ class FileListDataset(Dataset):
     def ids(self) -> list[str]:
         return [i for i, _, _ in self._files()]
 
+    def data_files(self) -> list[Path]:
+        return [p for _, image, label in self._files() for p in (image, label)]
+
     def load_image(self, index: int) -> np.ndarray:
         return read_rgb(self._files()[index][1])
 

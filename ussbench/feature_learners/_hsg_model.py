@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..determinism import ThreadInvariantBatchNorm1d, ThreadInvariantLayerNorm  # thread-invariant
 from ..errors import ConfigError
 
 
@@ -229,7 +230,7 @@ class MaskedNorm(nn.Module):
         self.momentum = momentum
         self.eps = eps
         if kind == "layer":
-            self.ln = nn.LayerNorm(dim)
+            self.ln = ThreadInvariantLayerNorm(dim)
         else:
             self.weight = nn.Parameter(torch.ones(dim))
             self.bias = nn.Parameter(torch.zeros(dim))
@@ -343,7 +344,7 @@ class HSGModel(nn.Module):
         self.config = config
         c = config
         self.head = nn.Sequential(
-            nn.Linear(in_dim, c.hidden_dim), nn.BatchNorm1d(c.hidden_dim), nn.ReLU(), nn.Linear(c.hidden_dim, c.dim)
+            nn.Linear(in_dim, c.hidden_dim), ThreadInvariantBatchNorm1d(c.hidden_dim), nn.ReLU(), nn.Linear(c.hidden_dim, c.dim)
         )  # fmt: skip
         self.transformers = nn.ModuleList()
         if c.grouping == "transformer":
@@ -386,7 +387,7 @@ class HSGModel(nn.Module):
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> HSGModel:
-        blob = torch.load(path, map_location=device, weights_only=False)
+        blob = torch.load(path, map_location=device, weights_only=True)
         model = cls(int(blob["in_dim"]), HSGConfig(**blob["config"]))
         model.load_state_dict(blob["state"])
         return model.to(device)

@@ -71,7 +71,7 @@ def store_params(obj: Any, values: dict[str, Any]) -> None:
 class HSGLearner(FeatureLearner):
     """HSG hierarchical segment grouping: projected pixel features (unit, dim-d) as code; trained on frozen features."""
 
-    version = "1"
+    version = "2"  # 2: thread-invariant normalisation (ussbench.determinism)
 
     # explicit signature (registry reads it), repeated by hsg_groups on purpose; store_params validates both
     def __init__(

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..dataset_clusterers._common import autocast, resolve_precision
+from ..determinism import ThreadInvariantLayerNorm as LayerNorm  # same numbers with 1 or N threads
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
@@ -68,7 +69,7 @@ class UpdateStep(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.mix = nn.MultiheadAttention(dim, n_heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def forward(
         self, p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
@@ -104,7 +105,7 @@ class ConceptGenerator(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))
-        self.memory_norm = nn.LayerNorm(dim)
+        self.memory_norm = LayerNorm(dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.steps = nn.ModuleList(UpdateStep(dim, n_heads, ffn_dim) for _ in range(n_rounds))
         self.precision = "fp32"  # 'bf16': the prototype-side linears and the pixel products in bfloat16
@@ -174,9 +175,9 @@ def assignment(x: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
 class AdaptiveConceptGenerator(ImageClusterer):
     """ACSeg's adaptive concept generator: attention-updated prototypes, modularity loss, adaptive #segments."""
 
-    version = (
-        "3"  # 2: centre_features; 3: batches mix image sizes (zero-padded), precision (bf16 where native)
-    )
+    # 2: centre_features; 3: batches mix image sizes (zero-padded), precision (bf16 where native);
+    # 4: thread-invariant LayerNorm gradients (core's ussbench.determinism)
+    version = "4"
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
     def __init__(

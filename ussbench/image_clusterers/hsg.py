@@ -21,7 +21,7 @@ LEVEL_NAMES = ("level0", "level1", "level2")
 class HSGGroups(ImageClusterer):
     """HSG clustering-transformer hierarchy; segments = the nested grouping at ``level``; levels 0-2 kept."""
 
-    version = "1"
+    version = "2"  # 2: thread-invariant normalisation (ussbench.determinism)
 
     # explicit signature (registry reads it): the model parameters repeat the hsg learner's on purpose
     def __init__(

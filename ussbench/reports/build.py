@@ -16,6 +16,7 @@ from .. import registry
 from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
 from . import figures
+from .failed import failures_html, failures_markdown
 from .panels import draw_panels
 from .tables import STAGE_COLUMNS, leaderboard_display, leaderboard_frame, markdown_table, results_frame
 
@@ -71,10 +72,11 @@ def build_report(
     refs = _published(cells)
     per_class = _per_class(cells, board)
     md = _markdown(grid_name, run, cells, board, refs, per_class, written)
+    md += failures_markdown(output, cell_ids)  # cells that raised (issue 11): listed, not silently missing
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
-    written["html"] = atomic_write_text(
-        output / "leaderboard.html", _html(grid_name, run, cells, board, refs, per_class, written)
-    )
+    page = _html(grid_name, run, cells, board, refs, per_class, written)
+    page = page.replace("</body></html>", failures_html(output, cell_ids) + "</body></html>")
+    written["html"] = atomic_write_text(output / "leaderboard.html", page)
     return {k: v for k, v in written.items() if v is not None}
 
 
@@ -190,9 +192,8 @@ def _level_panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame
 def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame) -> Path | None:
     """Figure 3 of the OMH paper (affinity sim+ beside the OT plan, finest level pair) for the best-ranked
     configuration whose learner kept an OMH hierarchy of two or more levels (first seed's saved artifacts)."""
-    import torch
-
     from ..feature_learners.omh import plot_hierarchy
+    from ..graph.records import load_artifacts
 
     for _, cfg in board.iterrows():
         if cfg["feature_learner"] == "none":  # no learner, no hierarchy: skip loading its artifacts
@@ -202,7 +203,7 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
         path = output / "cells" / f"{first['row']['cell_id']}.artifacts.pt"
         if not path.is_file():
             continue
-        info = (torch.load(path, weights_only=False).get("feature_learner") or {}).get("omh") or {}
+        info = ((load_artifacts(path) or {}).get("feature_learner") or {}).get("omh") or {}
         if not info.get("plans"):
             continue
         title = (f"{cfg['feature_learner']} on {cfg['dataset']}: plans of seed {first['row']['seed']} "
