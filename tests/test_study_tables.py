@@ -74,3 +74,29 @@ def test_rows_a_grid_cut_read_not_run(tmp_path, st):
     assert "not run (cut)" in masked
     assert "not run (cut)" in claim_line(text, "Table 1: DSM > DSM masked-attention CLS")
     assert "not run" not in claim_line(text, "Table 1: DSM > ACG")
+
+
+def test_diagnosis_reads_the_abc_cluster_sizes_of_each_cell(tmp_path, toy_root):
+    """benchmarks/study_diagnosis.py reports ABC's hard cluster sizes from the cells' pickle-free artifacts."""
+    from conftest import tiny_grid
+
+    from ussbench.config import load_grid
+    from ussbench.runner import run_grid
+
+    spec = importlib.util.spec_from_file_location("study_diagnosis", SCRIPT.with_name("study_diagnosis.py"))
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    path = tiny_grid(
+        tmp_path, toy_root, seeds=[0], image_clusterers=[{"name": "kmeans_per_image", "params": {"n_segments": 4}}],
+        dataset_clusterers=[{"name": "abc", "params": {"epochs": 2}, "label": "abc2"}],
+    )  # fmt: skip
+    grid = load_grid(path)
+    run_grid(grid, progress=False, report=False)
+    text = diag.diagnose(grid.output)
+    line = next(line for line in text.splitlines() if "| abc2 |" in line)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "1"  # one seed
+    largest = float(cells[5])
+    assert 0.0 < largest <= 1.0  # a share of the segments, read from the artifacts
+    before, after = (float(v) for v in cells[7].split("/"))
+    assert 0.0 <= before <= 1.0 and after == 1.0  # the calibrated assignment puts every count in bounds
