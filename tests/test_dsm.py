@@ -93,23 +93,35 @@ def test_adaptive_eigengap_finds_the_number_of_regions():
 @pytest.mark.parametrize("vector", ["crop_cls", "masked_attention_cls"])
 def test_flat_regions_with_colour_term_and_crop_cls(flat_world, vector):
     feats, ctx = flat_world
-    dsm = DeepSpectral(n_eigenvectors=3, n_segments=3, color_lambda=10.0, segment_vector=vector, n_dilate=1)
+    dsm = DeepSpectral(
+        n_eigenvectors=3,
+        n_segments=3,
+        color_lambda=10.0,
+        segment_vector=vector,
+        n_dilate=1,
+        background="border",
+    )
     segs = dsm.predict(feats, ctx)
     for seg in segs:
         assert sp.same_partition(seg.segment_map, stripes(3, 4, 6))
         assert seg.vectors.shape == (3, 384) and torch.isfinite(seg.vectors).all()
-        assert seg.background is not None
+        assert seg.background == sp.border_segment(seg.segment_map, 3)
     # crops of different segments see different pixels, so their CLS vectors differ
     assert torch.cdist(segs[0].vectors, segs[0].vectors).triu(1).max() > 1e-3
 
 
 def test_crop_cls_of_boxes_covering_the_image_is_the_image_cls(flat_world):
     feats, ctx = flat_world  # 4x6 grid: every segment dilated 5 times covers the whole image
-    segs = DeepSpectral(n_eigenvectors=3, n_segments=3).predict(feats, ctx)
+    segs = DeepSpectral(n_eigenvectors=3, n_segments=3, precision="fp32").predict(feats, ctx)
     ext = ctx.backbone.model(torch.device("cpu"))
     for i, seg in enumerate(segs):
         whole = ext(ctx.backbone.preprocess(ctx.dataset.load_image(i))[None])["cls"][0]
         assert torch.allclose(seg.vectors, whole.expand(3, -1), atol=1e-4)
+    # bfloat16 crops (precision 'bf16', the default 'auto' on CPUs with native bf16): the same vectors to
+    # bf16 accuracy
+    bf16 = DeepSpectral(n_eigenvectors=3, n_segments=3, precision="bf16").predict(feats, ctx)
+    for a, b in zip(segs, bf16):
+        assert F.cosine_similarity(a.vectors, b.vectors, dim=1).min() > 0.995
 
 
 def test_crop_cls_batched_with_padding_equals_single_forward(flat_world):
@@ -152,6 +164,23 @@ def test_masked_attention_cls_restricts_last_block_attention(flat_world):
     assert not torch.allclose(got[0], got[1], atol=1e-3)
 
 
+def test_several_queries_of_one_crop_equal_separate_forwards(flat_world):
+    """Segments sharing a box share the crop's trunk: each masked query equals its own full forward."""
+    from ussbench.image_clusterers._segment_vectors import crops_cls_queries
+
+    _, ctx = flat_world
+    ext = ctx.backbone.model(torch.device("cpu"))
+    img = ctx.backbone.preprocess(ctx.dataset.load_image(0))
+    crop = img[:, :48, :64]  # 3x4 patches
+    masks = [torch.arange(12) % 2 == 0, torch.arange(12) < 5, None]
+    shared = crops_cls_queries(ext, [crop, img[:, :32, :32]], [masks, [None]], batch_size=4)
+    separate = crops_cls(ext, [crop] * 3, masks)
+    assert shared[0].shape == (3, 384) and shared[1].shape == (1, 384)
+    torch.testing.assert_close(shared[0], separate, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared[1][0], ext(img[:, :32, :32][None])["cls"][0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(shared[0][0], shared[0][1], atol=1e-3)
+
+
 def test_segment_boxes_erode_then_dilate():
     seg = torch.zeros(10, 10, dtype=torch.long)
     seg[2:5, 2:5] = 1  # a 3x3 square: one erosion leaves its centre, a second would empty it (skipped)
@@ -160,6 +189,28 @@ def test_segment_boxes_erode_then_dilate():
     assert segment_boxes(seg, 2, n_erode=0, n_dilate=0)[1].tolist() == [2, 2, 4, 4]
     assert segment_boxes(seg, 2, n_erode=2, n_dilate=5)[1].tolist() == [0, 0, 8, 8]
     assert segment_boxes(seg, 2, n_erode=2, n_dilate=5)[0].tolist() == [0, 0, 9, 9]
+
+
+@pytest.mark.parametrize(
+    ("class_names", "background", "expected"),
+    [
+        (["red", "green", "blue"], "auto", "none"),  # no background class (MSRC-v2, CamVid): off
+        (["background", "cat", "dog"], "auto", "border"),  # VOC-like: on
+        (["red", "green", "blue"], "border", "border"),  # the grid's choice wins
+        (["background", "cat", "dog"], "none", "none"),
+    ],
+)
+def test_background_rule_follows_the_dataset_unless_set(flat_world, class_names, background, expected):
+    feats, ctx = flat_world
+    dataset = ImageMaskFolder(num_classes=3, class_names=class_names, root=ctx.dataset.root)
+    ctx = StageContext(ctx.device, 0, dataset, ctx.backbone, 3, progress=False)
+    dsm = DeepSpectral(n_eigenvectors=3, n_segments=3, segment_vector="mean", background=background)
+    segs = dsm.predict(feats, ctx)
+    assert dsm.artifacts()["resolved"] == {"background": expected}
+    if expected == "border":
+        assert all(s.background == sp.border_segment(s.segment_map, s.n_segments) for s in segs)
+    else:
+        assert all(s.background is None for s in segs)
 
 
 def test_background_is_the_segment_owning_most_border():
@@ -175,6 +226,10 @@ def test_torch_eigen_path_agrees_with_scipy_eigsh_on_random_graphs(P):
     W = sp.feature_affinity(feats)
     evals, vecs = sp.eigh_smallest(W, 10)
     vecs = sp.fix_signs(vecs)
+    sub_evals, sub_vecs = sp.lapack_smallest(W, 10, threads=2)  # only the 10 wanted pairs, threaded
+    torch.testing.assert_close(sub_evals, evals, atol=1e-10, rtol=0)
+    torch.testing.assert_close(sp.fix_signs(sub_vecs)[..., 1:], vecs[..., 1:], atol=1e-8, rtol=0)
+    torch.testing.assert_close(sub_vecs[..., 0].abs(), vecs[..., 0].abs(), atol=1e-8, rtol=0)  # constant
     for b in range(3):
         ref_vals, ref_vecs = sp.eigsh_smallest(W[b].numpy(), 10)
         ref_vecs = sp.fix_signs(torch.from_numpy(ref_vecs))
@@ -195,7 +250,11 @@ def test_dsm_solvers_give_identical_segmentations():
     b = DeepSpectral(n_eigenvectors=8, n_segments=4, segment_vector="mean", eig_solver="scipy").predict(
         feats, None
     )
+    c = DeepSpectral(n_eigenvectors=8, n_segments=4, segment_vector="mean", eig_solver="lapack").predict(
+        feats, None
+    )
     assert all(sp.same_partition(x.segment_map, y.segment_map) for x, y in zip(a, b))
+    assert all(sp.same_partition(x.segment_map, y.segment_map) for x, y in zip(a, c))
 
 
 def test_knn_colour_affinity_structure():
@@ -241,3 +300,25 @@ def test_bad_parameters_raise_naming_the_parameter():
     feats = region_features([stripes(2, 3, 4)])
     with pytest.raises(ConfigError, match=r"n_eigenvectors=20 exceeds the 12 patches"):
         DeepSpectral(segment_vector="mean").predict(feats, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("names", "expected"), [(None, "none"), (["background", "green", "blue"], "border")])
+def test_grid_rows_record_the_background_rule_used(tmp_path, toy_root, names, expected):
+    """A grid that leaves DSM's background at 'auto' gets the dataset's rule, and each result row says which."""
+    import pandas as pd
+    from conftest import tiny_grid
+
+    from ussbench.config import load_grid
+    from ussbench.runner import run_grid
+
+    dataset = {"name": "image_folder", "params": {"num_classes": 3, "class_names": names or ["r", "g", "b"]}}
+    path = tiny_grid(
+        tmp_path, toy_root, seeds=[0], datasets=[dataset], dataset_clusterers=["kmeans"],
+        image_clusterers=[{"name": "dsm", "params": {"segment_vector": "mean", "n_eigenvectors": 4,
+                                                     "n_segments": 3, "kmeans_engine": "torch"}}],
+    )  # fmt: skip
+    grid = load_grid(path)
+    run_grid(grid, progress=False)
+    results = pd.read_csv(grid.output / "results.csv")
+    assert results.image_clusterer_background.tolist() == [expected]
+    assert results.n_clusters.tolist() == [3]  # with a background segment: 2 clusters + the background

@@ -100,6 +100,57 @@ def test_empty_cluster_is_reseeded():
     assert torch.bincount(km.labels_, minlength=3).min() > 0
 
 
+def test_empty_cluster_is_reseeded_with_the_farthest_point():
+    """An empty cluster takes the point farthest from its centroid (scikit-learn's rule), here an outlier; the
+    nearest point (a seed itself, at distance 0) would leave the outlier inside a blob's cluster."""
+    X, _ = blobs([50, 50], seed=7)
+    outlier = X[:50].mean(0) + 40.0
+    X = torch.cat([X, outlier[None]])
+    init = torch.stack([X[0], X[0] + 100.0, X[60]])  # the second centre attracts no point
+    km = KMeansClusterer(3, engine="torch", normalise_input=False, max_iter=1).fit(X, init_centroids=init)
+    torch.testing.assert_close(torch.from_numpy(km.cluster_centers_[1]), outlier)
+    converged = KMeansClusterer(3, engine="torch", normalise_input=False).fit(X, init_centroids=init)
+    assert converged.labels_[-1] != converged.labels_[0] and converged.labels_[-1] != converged.labels_[60]
+    assert torch.bincount(converged.labels_, minlength=3).tolist().count(1) == 1  # the outlier alone
+
+
+def _offset_scaled_blobs(seed: int):
+    """Blobs far from the origin with unequal per-dimension scales and unequal spreads."""
+    X, y = make_blobs(
+        [80, 80, 80], n_features=6, cluster_std=[0.3, 1.0, 2.0], random_state=seed, center_box=(-10, 10)
+    )
+    X = X * np.linspace(0.5, 4.0, 6) + 50.0
+    return torch.tensor(X, dtype=torch.float32), y
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_predict_replays_the_fitted_standardisation(metric):
+    """norm/std input: predict must z-score new vectors with the statistics fitted on the training set."""
+    X, y = _offset_scaled_blobs(0)
+    km = KMeansClusterer(3, engine="torch", metric=metric, standardise=True, normalise_input=False, seed=0)
+    km.fit(X)
+    assert adjusted_rand_score(y, km.labels_.numpy()) == 1.0
+    assert torch.equal(km.predict(X), km.labels_)
+    # a subset alone has other statistics: re-fitting the transform on it (or skipping it) changes labels
+    part = X[y != 2]
+    assert torch.equal(km.predict(part), km.labels_[torch.from_numpy(y != 2)])
+
+
+@pytest.mark.parametrize("engine", ["torch", "faiss"])
+def test_predict_replays_the_input_normalisation(engine):
+    """normalise_input: each vector is L2-normalised before its nearest (non-unit) L2 centroid is found, so
+    rescaling a vector never changes its label; without the normalisation small vectors all go to the
+    centroid of smallest norm."""
+    X, _ = _offset_scaled_blobs(1)
+    X = X - X.mean(0)  # directions differ between the blobs
+    km = KMeansClusterer(3, engine=engine, metric="l2", normalise_input=True, seed=0).fit(X)
+    norms = np.linalg.norm(km.cluster_centers_, axis=1)
+    assert norms.max() - norms.min() > 0.01  # the centroids are not all of one norm
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
+    scale = torch.logspace(-3, 3, X.shape[0])[perm].unsqueeze(1)
+    assert torch.equal(km.predict(X * scale), km.labels_)
+
+
 def test_degenerate_inputs_raise_clear_errors():
     X, _ = blobs([10, 10], seed=8)
     km = KMeansClusterer(5, engine="torch")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ussbench.errors import NumericalError
-from ussbench.ot import sinkhorn_log, sinkhorn_log_potentials
+from ussbench.ot import sinkhorn_log, sinkhorn_log_potentials, sinkhorn_scaling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
 
@@ -101,3 +101,48 @@ def test_errors_name_the_parameter():
         sinkhorn_log(cost, 0.1, a=torch.full((5,), 0.2))
     with pytest.raises(NumericalError, match="NaN"):
         sinkhorn_log(torch.full((4, 3), float("nan")), 0.1)
+
+
+def _reference_sinkhorn(cost: np.ndarray, epsilon: float, n_iter: int) -> np.ndarray:
+    """Exactly n_iter (row update, column update) pairs of log-domain Sinkhorn, uniform marginals (numpy)."""
+    from scipy.special import logsumexp
+
+    n, m = cost.shape
+    log_k = -cost / epsilon
+    f, g = np.zeros(n), np.zeros(m)
+    for _ in range(n_iter):
+        f = -np.log(n) - logsumexp(log_k + g[None, :], axis=1)
+        g = -np.log(m) - logsumexp(log_k + f[:, None], axis=0)
+    return np.exp(log_k + f[:, None] + g[None, :])
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 10])
+def test_truncated_run_does_exactly_n_iter_iterations(n_iter):
+    """A truncated run (OTC uses 10 iterations) equals the reference after exactly n_iter iterations; one
+    iteration fewer or more would be a different plan (checked to differ by far more than the tolerance)."""
+    cost = 2.0 * _problem(60, 5, seed=6, uniform=True)[0]
+    want = _reference_sinkhorn(cost, 0.05, n_iter)
+    got = sinkhorn_log(torch.from_numpy(cost), 0.05, n_iter=n_iter).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    for other in (n_iter - 1, n_iter + 1):
+        if other >= 1:
+            assert np.abs(_reference_sinkhorn(cost, 0.05, other) - want).max() > 1e-6
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 10])
+def test_scaling_domain_does_exactly_n_iter_iterations(n_iter):
+    """OTC's Sinkhorn: the plan after exactly n_iter iterations of the transposed problem (column update
+    first, rows last), at OTC's temperature 0.02 on a cosine-like cost, with and without a warm start."""
+    cost = 2.0 * _problem(80, 6, seed=7, uniform=True)[0]
+    want = _reference_sinkhorn(cost.T, 0.02, n_iter).T
+    plan, log_u, log_v = sinkhorn_scaling(torch.from_numpy(-cost / 0.02), n_iter)
+    np.testing.assert_allclose(plan.numpy(), want, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(plan.sum(1).numpy(), np.full(80, 1 / 80), rtol=1e-12)
+    np.testing.assert_allclose(
+        plan.numpy(), np.exp(log_u.numpy()[:, None] - cost / 0.02 + log_v.numpy()[None, :]), rtol=1e-9
+    )
+    # warm start: n_iter more iterations continue the same sequence as 2 * n_iter from scratch
+    again, _, _ = sinkhorn_scaling(torch.from_numpy(-cost / 0.02), n_iter, log_u_init=log_u)
+    np.testing.assert_allclose(again.numpy(), _reference_sinkhorn(cost.T, 0.02, 2 * n_iter).T, rtol=1e-9)
+    if n_iter > 1:
+        assert np.abs(_reference_sinkhorn(cost.T, 0.02, n_iter - 1).T - want).max() > 1e-6

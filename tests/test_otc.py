@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from _helpers import assert_rejects_degenerate_inputs, blobs, checked_card
+from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
 from ussbench.dataset_clusterers.otc import OTClusterer, ot_plan
@@ -23,6 +25,26 @@ def test_blobs_recovered_exactly_with_study_settings(k, seed):
     assert adjusted_rand_score(y, labels.numpy()) == 1.0
     assert torch.equal(labels, otc.labels_)
     assert otc.marginal_error_ < 1e-3
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_fit_follows_the_log_domain_reference(warm_start):
+    """The scaling-domain fit takes the same steps as the earlier log-domain path (float64 reference loop)."""
+    X, _ = blobs([60, 40, 30], std=3.0, seed=4)
+    otc = OTClusterer(3, n_iter=8, seed=1, warm_start=warm_start).fit(X)
+    Z = torch.nn.functional.normalize(X.double(), dim=1)
+    C = Z[torch.as_tensor(np.random.default_rng(1).choice(len(Z), size=3, replace=False))]
+    g = None
+    for _ in range(8):
+        plan, g_new = ot_plan(Z @ C.T, 0.02, 10, g if warm_start else None)
+        g = g_new
+        W = plan * len(Z)
+        C = torch.nn.functional.normalize(W.T @ Z / W.sum(0)[:, None], dim=1)
+    plan, _ = ot_plan(Z @ C.T, 0.02, 10, g if warm_start else None)
+    np.testing.assert_allclose(otc.cluster_centers_, C.numpy(), atol=1e-4)
+    assert torch.equal(otc.labels_, plan.argmax(1))
+    assert torch.equal(otc.predict(X), otc.labels_)
+    np.testing.assert_allclose(otc.cluster_mass_.numpy(), plan.sum(0).numpy() * len(Z), atol=1e-3)
 
 
 def test_cold_start_is_the_literal_variant():
@@ -76,6 +98,35 @@ def test_standardise_and_nearest_assignment():
     X, y = blobs([40, 40, 40], seed=6)
     otc = OTClusterer(3, standardise=True, predict_assign="nearest", n_iter=50).fit(X)
     assert adjusted_rand_score(y, otc.predict(X).numpy()) == 1.0
+
+
+def _offset_scaled_blobs(seed: int):
+    """Three blobs far from the origin (common offset 50) with unequal per-dimension scales."""
+    X, y = make_blobs([60, 60, 60], n_features=6, cluster_std=0.5, random_state=seed, center_box=(-10, 10))
+    return torch.tensor(X * np.linspace(0.5, 4.0, 6) + 50.0, dtype=torch.float32), y
+
+
+@pytest.mark.parametrize("assign", ["plan", "nearest"])
+def test_predict_replays_the_fitted_standardisation(assign):
+    """norm/std input: predict z-scores new vectors with the training statistics (not their own, not none)."""
+    X, y = _offset_scaled_blobs(0)
+    otc = OTClusterer(3, standardise=True, predict_assign=assign, n_iter=50, seed=0).fit(X)
+    assert adjusted_rand_score(y, otc.labels_.numpy()) == 1.0
+    assert torch.equal(otc.predict(X), otc.labels_)
+    keep = torch.from_numpy(y != 2)
+    assert torch.equal(otc.predict(X[keep]), otc.labels_[keep])
+
+
+def test_predict_replays_the_input_normalisation():
+    """Cosine geometry: rescaling a vector never changes its label under the plan assignment; without the
+    unit normalisation, small vectors would all follow the column potentials to one cluster."""
+    X, y = _offset_scaled_blobs(1)
+    X = X - X.mean(0)
+    otc = OTClusterer(3, n_iter=50, seed=0).fit(X)
+    assert adjusted_rand_score(y, otc.labels_.numpy()) == 1.0
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
+    scale = torch.logspace(-3, 3, X.shape[0])[perm].unsqueeze(1)
+    assert torch.equal(otc.predict(X * scale), otc.labels_)
 
 
 def test_degenerate_inputs_raise_clear_errors():

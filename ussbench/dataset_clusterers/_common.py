@@ -181,10 +181,13 @@ class InputTransform:
         return normalise_rows(X, self.who) if self.unit_output else X
 
 
-def sq_distances(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (n, k) between rows of X and C, clamped at 0."""
+def sq_distances(X: torch.Tensor, C: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances (n, k) between rows of X and C, clamped at 0 (``x_sq``: X's squared row
+    norms, when the caller already has them)."""
+    if x_sq is None:
+        x_sq = (X * X).sum(1)
     # C.T made contiguous: a transposed-view GEMM is pathologically slow on contended small CPUs.
-    return ((X * X).sum(1, keepdim=True) - 2 * X @ C.T.contiguous() + (C * C).sum(1)[None]).clamp_min_(0)
+    return torch.addmm((C * C).sum(1)[None], X, C.T.contiguous(), alpha=-2).add_(x_sq[:, None]).clamp_min_(0)
 
 
 def kmeans_plusplus(
@@ -194,24 +197,45 @@ def kmeans_plusplus(
 
     Sampling uses ``rng`` on the host, so the result depends only on X and the generator's seed.
     """
+    return kmeans_plusplus_many(X, n_clusters, [rng], n_local_trials)[0]
+
+
+def kmeans_plusplus_many(
+    X: torch.Tensor,
+    n_clusters: int,
+    rngs: Sequence[np.random.Generator],
+    n_local_trials: int | None = None,
+    x_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One greedy k-means++ seeding per generator, all advancing together: (R, k, D).
+
+    Each restart draws from its own generator exactly as :func:`kmeans_plusplus` would, and the candidates
+    of every restart are scored in one pass over X per centre (one (n, R * trials) product instead of R).
+    """
     n = X.shape[0]
+    R = len(rngs)
     trials = n_local_trials or 2 + int(np.log(n_clusters))
-    centres = torch.empty(n_clusters, X.shape[1], dtype=X.dtype, device=X.device)
-    first = int(rng.integers(n))
-    centres[0] = X[first]
-    closest = sq_distances(X, X[first : first + 1]).squeeze(1).double()
+    x_sq = (X * X).sum(1) if x_sq is None else x_sq
+    centres = torch.empty(R, n_clusters, X.shape[1], dtype=X.dtype, device=X.device)
+    first = torch.as_tensor([int(rng.integers(n)) for rng in rngs], device=X.device)
+    centres[:, 0] = X[first]
+    closest = sq_distances(X, X[first], x_sq).T.contiguous()  # (R, n); sums below in float64
+    rows = torch.arange(R, device=X.device)
     for c in range(1, n_clusters):
-        cum = torch.cumsum(closest, 0)
-        total = float(cum[-1])
-        if total <= 0:  # every point coincides with a chosen centre: pick uniformly
-            idx = torch.as_tensor(rng.integers(n, size=trials), device=X.device)
-        else:
-            u = torch.as_tensor(rng.random(trials) * total, dtype=torch.float64, device=X.device)
-            idx = torch.searchsorted(cum, u).clamp_(max=n - 1)
-        cand = torch.minimum(closest[:, None], sq_distances(X, X[idx]).double())  # (n, trials)
-        best = int(cand.sum(0).argmin())
-        centres[c] = X[idx[best]]
-        closest = cand[:, best]
+        cum = torch.cumsum(closest, 1, dtype=torch.float64)
+        total = cum[:, -1].cpu().numpy()
+        idx = torch.empty(R, trials, dtype=torch.long, device=X.device)
+        for r, rng in enumerate(rngs):
+            if total[r] <= 0:  # every point coincides with a chosen centre: pick uniformly
+                idx[r] = torch.as_tensor(rng.integers(n, size=trials), device=X.device)
+            else:
+                u = torch.as_tensor(rng.random(trials) * total[r], dtype=torch.float64, device=X.device)
+                idx[r] = torch.searchsorted(cum[r], u).clamp_(max=n - 1)
+        d = sq_distances(X, X[idx.reshape(-1)], x_sq).T.reshape(R, trials, n)
+        cand = torch.minimum(closest[:, None, :], d)  # (R, trials, n)
+        best = cand.sum(2, dtype=torch.float64).argmin(1)  # (R,)
+        centres[:, c] = X[idx[rows, best]]
+        closest = cand[rows, best]
     return centres
 
 
@@ -235,3 +259,36 @@ def check_labels_finite(value: torch.Tensor, who: str, what: str) -> None:
 def l2_normalise(X: torch.Tensor) -> torch.Tensor:
     """Row-wise L2 normalisation that leaves zero rows at zero (for centroids, never for inputs)."""
     return F.normalize(X, dim=1, eps=ZERO_NORM)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where oneDNN runs bf16
+    matmuls natively; elsewhere bf16 on the CPU is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device, who: str) -> str:
+    """'fp32' or 'bf16' for a plugin's ``precision``: 'auto' is bf16 on CUDA GPUs that support it and on CPUs
+    with native bf16 instructions, else fp32."""
+    check_choice(who, "precision", precision, PRECISIONS)
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast context for a resolved precision ('bf16' casts matmuls/linears to bfloat16)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -22,16 +22,17 @@ from ._common import (
     check_labels_finite,
     check_matrix,
     check_positive,
-    initial_points,
+    kmeans_plusplus_many,
     l2_normalise,
     prepare_input,
-    sq_distances,
+    random_points,
 )
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("faiss", "torch", "sklearn", "sklearn_minibatch")
-_CHUNK = 1 << 18  # rows per distance block: bounds the (chunk, k) matrices on large inputs
+_CHUNK = 1 << 16  # rows per distance block: bounds the (chunk, R * k) matrices on large inputs
+FAISS_CHUNK = 10  # faiss iterations between convergence checks
 
 # Table 5 of the semester study (VOC, DSM segments). "norm/std" read as per-dimension z-scoring.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -61,47 +62,105 @@ def faiss_gpu_available() -> bool:
 
 def assign(Z: torch.Tensor, C: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row (cosine: largest dot product with unit centroids) and its squared distance."""
-    labels, dist = [], []
-    for chunk in Z.split(_CHUNK):
+    labels, dist, _, _ = assign_many(Z, C[None], metric, accumulate=False)
+    return labels[0], dist[0]
+
+
+def assign_many(
+    Z: torch.Tensor,
+    C: torch.Tensor,
+    metric: str,
+    z_sq: torch.Tensor | None = None,
+    accumulate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Nearest centroid of every row for R centroid sets C (R, k, D) at once, in one pass over Z.
+
+    Returns labels (R, N), squared distances (R, N) and, with ``accumulate``, the per-cluster sums (R, k, D)
+    and counts (R, k) of the assigned rows (one-hot products on the same chunk, so Lloyd's update needs no
+    second pass). Cosine: the largest dot product with unit centroids.
+    """
+    R, k, D = C.shape
+    N = Z.shape[0]
+    Cf = C.reshape(R * k, D)
+    CfT = Cf.T.contiguous()
+    c_sq = (Cf * Cf).sum(1)
+    z_sq = (Z * Z).sum(1) if z_sq is None else z_sq
+    labels = torch.empty(R, N, dtype=torch.long, device=Z.device)
+    dist = torch.empty(R, N, dtype=Z.dtype, device=Z.device)
+    sums = torch.zeros(R * k, D, dtype=Z.dtype, device=Z.device) if accumulate else None
+    counts = torch.zeros(R * k, dtype=Z.dtype, device=Z.device) if accumulate else None
+    offsets = (torch.arange(R, device=Z.device) * k)[None]
+    for start in range(0, N, _CHUNK):
+        rows = slice(start, start + _CHUNK)
+        Zc = Z[rows]
         if metric == "cosine":
-            sim = chunk @ C.T.contiguous()
-            best, idx = sim.max(1)
-            d = ((chunk * chunk).sum(1) - 2 * best + (C * C).sum(1)[idx]).clamp_min(0)
-        else:
-            d, idx = sq_distances(chunk, C).min(1)
-        labels.append(idx)
-        dist.append(d)
-    return torch.cat(labels), torch.cat(dist)
+            best, idx = (Zc @ CfT).reshape(-1, R, k).max(2)
+            d = (z_sq[rows, None] - 2 * best + c_sq[idx + offsets]).clamp_min_(0)
+        else:  # |c|^2 - 2 z.c, the row's |z|^2 added to the minimum only
+            part, idx = torch.addmm(c_sq[None], Zc, CfT, alpha=-2).reshape(-1, R, k).min(2)
+            d = part.add_(z_sq[rows, None]).clamp_min_(0)
+        labels[:, rows] = idx.T
+        dist[:, rows] = d.T
+        if accumulate:
+            onehot = torch.zeros(Zc.shape[0], R * k, dtype=Z.dtype, device=Z.device)
+            onehot.scatter_(1, idx + offsets, 1.0)
+            sums += onehot.T @ Zc
+            counts += onehot.sum(0)
+    if accumulate:
+        return labels, dist, sums.reshape(R, k, D), counts.reshape(R, k)
+    return labels, dist, None, None
 
 
 def lloyd_torch(
     Z: torch.Tensor, C0: torch.Tensor, metric: str, max_iter: int, tol_abs: float
 ) -> tuple[torch.Tensor, int]:
-    """Batched Lloyd iterations on Z's device; stops when labels repeat or the centroid shift <= tol_abs.
+    """Lloyd iterations from one initialisation (see :func:`lloyd_torch_many`)."""
+    C, n_iter = lloyd_torch_many(Z, C0[None], metric, max_iter, tol_abs)
+    return C[0], n_iter[0]
 
-    An empty cluster is re-seeded with the point farthest from its centroid (as scikit-learn does).
+
+def lloyd_torch_many(
+    Z: torch.Tensor,
+    C0: torch.Tensor,
+    metric: str,
+    max_iter: int,
+    tol_abs: float,
+    z_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Lloyd iterations for R restarts C0 (R, k, D) at once; returns the centroids (R, k, D) and iterations.
+
+    Every iteration is one pass over Z for all restarts still running (distances and the next centroids'
+    sums in the same chunk). A restart stops when its labels repeat or its centroid shift <= tol_abs. An
+    empty cluster is re-seeded with the point farthest from its centroid (as scikit-learn does).
     """
+    R = C0.shape[0]
     C = C0.clone()
-    k = C.shape[0]
-    prev = None
-    it = 0
+    z_sq = (Z * Z).sum(1) if z_sq is None else z_sq
+    active = list(range(R))
+    n_iter = [0] * R
+    prev: list[torch.Tensor | None] = [None] * R
     for it in range(1, max_iter + 1):
-        labels, dist = assign(Z, C, metric)
-        if prev is not None and torch.equal(labels, prev):
-            return C, it - 1
-        counts = torch.bincount(labels, minlength=k)
-        new = torch.zeros_like(C).index_add_(0, labels, Z) / counts.clamp_min(1).unsqueeze(1).to(Z.dtype)
-        empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():
-            far = dist.topk(empty.numel()).indices
-            new[empty] = Z[far]
-        if metric == "cosine":
-            new = l2_normalise(new)
-        shift = float(((new - C) ** 2).sum())
-        C, prev = new, labels
-        if shift <= tol_abs:
+        if not active:
             break
-    return C, it
+        labels, dist, sums, counts = assign_many(Z, C[active], metric, z_sq)
+        still = []
+        for a, r in enumerate(active):
+            if prev[r] is not None and torch.equal(labels[a], prev[r]):
+                n_iter[r] = it - 1
+                continue
+            new = sums[a] / counts[a].clamp_min(1).unsqueeze(1)
+            empty = torch.nonzero(counts[a] == 0).flatten()
+            if empty.numel():
+                far = dist[a].topk(empty.numel()).indices
+                new[empty] = Z[far]
+            if metric == "cosine":
+                new = l2_normalise(new)
+            shift = float(((new - C[r]) ** 2).sum())
+            C[r], prev[r], n_iter[r] = new, labels[a], it
+            if shift > tol_abs:
+                still.append(r)
+        active = still
+    return C, n_iter
 
 
 @register("dataset_clusterer", "kmeans", presets=PRESETS)
@@ -155,8 +214,17 @@ class KMeansClusterer(DatasetClusterer):
 
     def initial_centroids(self, Z: torch.Tensor, restart: int) -> torch.Tensor:
         """The seeded initial centroids of one restart, in the preprocessed space (shared by all engines)."""
-        C0 = initial_points(Z, self.n_clusters, self.init, np.random.default_rng([self.seed, restart]))
-        return l2_normalise(C0) if self.metric == "cosine" else C0
+        return self._initial_centroids_many(Z, [restart])[0]
+
+    def _initial_centroids_many(
+        self, Z: torch.Tensor, restarts: list[int], z_sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        rngs = [np.random.default_rng([self.seed, r]) for r in restarts]
+        if self.init == "k-means++":
+            C0 = kmeans_plusplus_many(Z, self.n_clusters, rngs, x_sq=z_sq)
+        else:
+            C0 = torch.stack([random_points(Z, self.n_clusters, rng) for rng in rngs])
+        return l2_normalise(C0.reshape(-1, Z.shape[1])).reshape(C0.shape) if self.metric == "cosine" else C0
 
     def fit(self, X: torch.Tensor, init_centroids: torch.Tensor | None = None) -> KMeansClusterer:
         """Run n_init restarts and keep the lowest inertia; ``init_centroids`` (k, D') overrides the seeding."""
@@ -168,29 +236,32 @@ class KMeansClusterer(DatasetClusterer):
         )
         self.transform_ = transform
         tol_abs = self.tol * float(Z.var(0, unbiased=False).mean())
-        best: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
-        for restart in range(1 if init_centroids is not None else self.n_init):
-            if init_centroids is not None:
-                C0 = torch.as_tensor(init_centroids, dtype=torch.float32, device=Z.device)
-                if C0.shape != (self.n_clusters, Z.shape[1]):
-                    raise ValueError(
-                        f"kmeans: init_centroids must have shape {(self.n_clusters, Z.shape[1])}, "
-                        f"got {tuple(C0.shape)}"
-                    )
-            else:
-                C0 = self.initial_centroids(Z, restart)
-            C, n_iter = self._run_engine(Z, C0, restart, tol_abs)
-            if self.metric == "cosine":
-                C = l2_normalise(C)
-            check_labels_finite(C, "kmeans", f"centroids of engine {self.engine!r}")
-            labels, dist = assign(Z, C, self.metric)
-            inertia = float(dist.double().sum())
-            if best is None or inertia < best[0]:
-                best = (inertia, C, labels, n_iter)
-        assert best is not None
-        self.inertia_, C, labels, self.n_iter_ = best
-        self.cluster_centers_ = C.float().cpu().numpy()
-        self.labels_ = labels.cpu()
+        z_sq = (Z * Z).sum(1)
+        if init_centroids is not None:
+            C0 = torch.as_tensor(init_centroids, dtype=torch.float32, device=Z.device)
+            if C0.shape != (self.n_clusters, Z.shape[1]):
+                raise ValueError(
+                    f"kmeans: init_centroids must have shape {(self.n_clusters, Z.shape[1])}, "
+                    f"got {tuple(C0.shape)}"
+                )
+            C0s = C0[None]
+        else:
+            C0s = self._initial_centroids_many(Z, list(range(self.n_init)), z_sq)
+        if self.engine == "torch":
+            Cs, iters = lloyd_torch_many(Z, C0s, self.metric, self.max_iter, tol_abs, z_sq)
+        else:
+            runs = [self._run_engine(Z, C0s[r], r, tol_abs) for r in range(C0s.shape[0])]
+            Cs, iters = torch.stack([c for c, _ in runs]), [i for _, i in runs]
+        if self.metric == "cosine":
+            Cs = l2_normalise(Cs.reshape(-1, Z.shape[1])).reshape(Cs.shape)
+        check_labels_finite(Cs, "kmeans", f"centroids of engine {self.engine!r}")
+        labels, dist, _, _ = assign_many(Z, Cs, self.metric, z_sq, accumulate=False)
+        inertias = dist.double().sum(1)
+        best = int(inertias.argmin())  # the first restart among equals, as a sequential loop would keep
+        self.inertia_ = float(inertias[best])
+        self.n_iter_ = iters[best]
+        self.cluster_centers_ = Cs[best].float().cpu().numpy()
+        self.labels_ = labels[best].cpu()
         return self
 
     def _run_engine(
@@ -207,13 +278,22 @@ class KMeansClusterer(DatasetClusterer):
             gpu = Z.device.type == "cuda" and faiss_gpu_available()
             if Z.device.type == "cuda" and not gpu:
                 log.info("kmeans: faiss has no GPU support in this install; faiss runs on the CPU")
-            km = faiss.Kmeans(
-                arr.shape[1], self.n_clusters, niter=self.max_iter, nredo=1, seed=seed,
-                spherical=self.metric == "cosine", gpu=gpu, verbose=False,
-                min_points_per_centroid=1, max_points_per_centroid=1 << 30,
-            )  # fmt: skip
-            km.train(arr, init_centroids=init)
-            return torch.from_numpy(km.centroids.copy()).to(Z.device), self.max_iter
+            # faiss has no tolerance: run it in chunks of FAISS_CHUNK iterations from the previous centroids
+            # and stop once a chunk no longer moves them (a fixed point stays one); at most max_iter in all.
+            centroids, done = init, 0
+            while done < self.max_iter:
+                chunk = min(FAISS_CHUNK, self.max_iter - done)
+                km = faiss.Kmeans(
+                    arr.shape[1], self.n_clusters, niter=chunk, nredo=1, seed=seed + done,
+                    spherical=self.metric == "cosine", gpu=gpu, verbose=False,
+                    min_points_per_centroid=1, max_points_per_centroid=1 << 30,
+                )  # fmt: skip
+                km.train(arr, init_centroids=centroids)
+                shift = float(((km.centroids - centroids) ** 2).sum())
+                centroids, done = km.centroids.copy(), done + chunk
+                if shift <= tol_abs:
+                    break
+            return torch.from_numpy(centroids).to(Z.device), done
         if self.engine == "sklearn":
             from sklearn.cluster import KMeans
 

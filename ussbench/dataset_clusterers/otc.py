@@ -6,6 +6,11 @@ W = N * plan -> centroids = W-weighted means, re-projected to the unit sphere. T
 cost -S give the same plan (a constant shift is absorbed by the dual potentials). The last Sinkhorn
 half-step normalises over points (as SwAV's Sinkhorn-Knopp does), so every row of W sums to exactly 1
 and the cluster masses carry the residual error of the truncated iterations.
+
+Sinkhorn runs in the scaling domain (``ot.sinkhorn_scaling``: one exp of the (N, k) kernel per outer
+iteration, then two matrix-vector products per Sinkhorn iteration, float64); ``ot_plan`` is the earlier
+log-domain path, kept as the reference the tests compare against. Labels are the argmax of the final
+plan, i.e. argmax_j (S_ij / temp + f_j) with the fitted cluster potentials f, which ``predict`` reuses.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 from ..base import DatasetClusterer
 from ..errors import ConfigError, NumericalError
-from ..ot import sinkhorn_log_potentials
+from ..ot import sinkhorn_log_potentials, sinkhorn_scaling
 from ..registry import register
 from ._common import (
     InputTransform,
@@ -74,6 +79,8 @@ def ot_plan(
 class OTClusterer(DatasetClusterer):
     """k-means with an entropic optimal-transport (Sinkhorn, equal cluster mass) assignment on cosine similarity."""
 
+    version = "2"  # 2: scaling-domain Sinkhorn (float64), predict by the fitted cluster potentials
+
     def __init__(
         self,
         n_clusters: int = 21,
@@ -112,10 +119,9 @@ class OTClusterer(DatasetClusterer):
         self.seed = seed
         self.device = device
 
-    def _plan(
-        self, Z: torch.Tensor, C: torch.Tensor, g: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ot_plan(Z @ C.T.contiguous(), self.epsilon, self.sinkhorn_iter, g if self.warm_start else None)
+    def _logits(self, Z: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """-cost / temp = (cos - 1) / temp, (N, k)."""
+        return (Z @ C.T.contiguous() - 1.0) / self.epsilon
 
     def fit(self, X: torch.Tensor) -> OTClusterer:
         transform = InputTransform(self.standardise, True, self.pca_dim, True, "otc")
@@ -124,10 +130,12 @@ class OTClusterer(DatasetClusterer):
         C = l2_normalise(initial_points(Z, self.n_clusters, self.init, np.random.default_rng(self.seed)))
         n = Z.shape[0]
         self.n_iter_ = 0
-        g = None
+        log_u = None  # per-point log-scaling, carried across iterations when warm_start
         for it in range(1, self.n_iter + 1):
-            plan, g = self._plan(Z, C, g)
-            W = plan * n  # soft assignment, every row sums to 1
+            plan, log_u, _ = sinkhorn_scaling(
+                self._logits(Z, C), self.sinkhorn_iter, log_u if self.warm_start else None
+            )
+            W = (plan * n).to(Z.dtype)  # soft assignment, every row sums to 1
             mass = W.sum(0)
             new = l2_normalise((W.T @ Z) / mass.clamp_min(1e-12).unsqueeze(1))
             check_labels_finite(new, "otc", f"centroids at iteration {it}")
@@ -136,7 +144,8 @@ class OTClusterer(DatasetClusterer):
             self.n_iter_ = it
             if self.tol is not None and shift <= self.tol:
                 break
-        plan, g = self._plan(Z, C, g)
+        logits = self._logits(Z, C)
+        plan, _, log_v = sinkhorn_scaling(logits, self.sinkhorn_iter, log_u if self.warm_start else None)
         self.marginal_error_ = marginal_error(plan)
         if self.marginal_error_ > self.marginal_tol:
             log.warning(
@@ -145,22 +154,29 @@ class OTClusterer(DatasetClusterer):
                 self.marginal_error_, self.marginal_tol, self.sinkhorn_iter,
             )  # fmt: skip
         self.cluster_centers_ = C.float().cpu().numpy()
-        self.labels_ = plan.argmax(1).cpu()
-        self.cluster_mass_ = (plan.sum(0) * n).cpu()
+        self.cluster_potentials_ = log_v.cpu()
+        self.labels_ = self._plan_argmax(logits).cpu()
+        self.cluster_mass_ = (plan.sum(0) * n).float().cpu()
         return self
 
+    def _plan_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Row argmax of the plan exp(log_u_i + logits_ij + f_j): the row scaling does not matter."""
+        return (logits.double() + self.cluster_potentials_.to(logits.device)).argmax(1).long()
+
     def predict(self, X: torch.Tensor) -> torch.Tensor:
-        """Labels by argmax of the OT plan against the learned centroids (or nearest centroid)."""
+        """Labels by the fitted plan's rule argmax_j (cos_ij / temp + f_j) with the learned cluster potentials
+        f (on the training vectors: exactly the argmax of the final plan), or by the nearest centroid."""
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("otc: call fit before predict")
         Z = prepare_input(self.transform_, X, 1, "otc", self.device)
         C = torch.from_numpy(self.cluster_centers_).to(Z.device)
-        if self.predict_assign == "nearest" or Z.shape[0] < self.n_clusters:
+        if self.predict_assign == "nearest":
             return (Z @ C.T.contiguous()).argmax(1).long().cpu()
-        return self._plan(Z, C)[0].argmax(1).long().cpu()
+        return self._plan_argmax(self._logits(Z, C)).cpu()
 
     def artifacts(self) -> dict[str, Any]:
         if not hasattr(self, "marginal_error_"):
             return {}
         return {"n_iter": self.n_iter_, "marginal_error": self.marginal_error_,
-                "cluster_mass": self.cluster_mass_.tolist()}  # fmt: skip
+                "cluster_mass": self.cluster_mass_.tolist(),
+                "cluster_potentials": self.cluster_potentials_.tolist()}  # fmt: skip

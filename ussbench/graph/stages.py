@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..evaluation.cell_covering import segment_covering_cells
 from ..evaluation.upsample import nearest_counter
 from ..feature_learners import records as learner_records
-from ..image_clusterers._common import pick_feature
+from ..image_clusterers._common import pick_feature, recorded_choices
 from ..limits import fit_clusters_to_vectors
 from ..reports.profile import perf_row_facts
 from .cells import Cell, build_params_for_record, build_plugin
@@ -308,6 +308,8 @@ class CellStage(Stage):
             artifacts["feature_learner"] = inputs["learned"]["artifacts"]
             row.update(learner_records.learner_row(coded(inputs["features"], inputs["learned"], ""), artifacts["feature_learner"]))  # fmt: skip
         artifacts["image_clusterer"] = segments["artifacts"]
+        # hook (issue 14): choices the image clusterer resolved at run time, e.g. DSM's background rule
+        row.update(recorded_choices(segments["artifacts"]))
         artifacts["dataset_clusterer"] = assignment["artifacts"]
         ic = build_plugin(cell.entry("image_clusterer"), {"seed": cell.seed, "device": str(rt.device)})
         extras = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import FeatureSet, ImageFeatures
+from ..base import Dataset, FeatureSet, ImageFeatures
 from ..errors import ConfigError
 
 
@@ -49,3 +49,26 @@ def relabel_consecutive(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Map arbitrary ids to 0..n-1 (empty segments vanish); returns the new map and n."""
     uniq, inverse = torch.unique(labels, return_inverse=True)
     return inverse.reshape(labels.shape), int(uniq.numel())
+
+
+def dataset_background_class(dataset: Dataset) -> int | None:
+    """The dataset's background class id: its ``background_class`` attribute if it sets one, else the class
+    named 'background' (VOC), else None (MSRC-v2, CamVid, ...). Protocol views are looked through."""
+    while True:
+        explicit = getattr(dataset, "background_class", None)
+        if explicit is not None:
+            return int(explicit)
+        names = [str(n).lower() for n in getattr(dataset, "class_names", [])]
+        if "background" in names:
+            return names.index("background")
+        inner = getattr(dataset, "dataset", None)
+        if inner is None or inner is dataset:
+            return None
+        dataset = inner
+
+
+def recorded_choices(artifacts: dict) -> dict:
+    """Row fields for the choices an image clusterer resolved at run time (e.g. DSM's background rule under
+    'auto'), read from its artifacts so that cached segmentations report them too."""
+    resolved = artifacts.get("resolved") if isinstance(artifacts, dict) else None
+    return {f"image_clusterer_{k}": v for k, v in (resolved or {}).items() if v is not None}

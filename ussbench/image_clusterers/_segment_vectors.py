@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..base import FeatureSet, Segmentation, StageContext
+from ..dataset_clusterers._common import resolve_precision
 from ._common import dense_matrix, mean_pool, pick_feature, require
 from ._spectral import border_segment
 
@@ -77,50 +78,90 @@ def _embed(extractor: torch.nn.Module, crop: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(vit.pos_drop(x))[0]
 
 
+def _cls_queries(
+    last: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """The last block's output for the CLS token only, once per query: x (B, L, C) tokens entering the last
+    block, valid (B, L) real tokens, masks (B, Q, L) the tokens each query's CLS may attend to (CLS included).
+    Every token's key and value are needed, but only the CLS row of the attention and of the MLP: (B, Q, C).
+    """
+    attn = last.attn
+    B, L, C = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv(last.norm1(x)).reshape(B, L, 3, h, -1).permute(2, 0, 3, 1, 4)  # 3, B, h, L, d
+    q, k, v = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1]), qkv[2]
+    logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()  # (B, h, 1, L): one CLS query per crop
+    allowed = (masks & valid[:, None, :])[:, None]  # (B, 1, Q, L)
+    att = logits.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)  # (B, h, Q, L)
+    out = (att @ v).transpose(1, 2).reshape(B, masks.shape[1], -1)  # (B, Q, h * d)
+    out = attn.proj(attn.norm(out))
+    cls = x[:, :1] + last.ls1(out)
+    return cls + last.ls2(last.mlp(last.norm2(cls)))
+
+
 @torch.no_grad()
-def crops_cls(
+def crops_cls_queries(
     extractor: torch.nn.Module,
     crops: Sequence[torch.Tensor],
-    last_block_masks: Sequence[torch.Tensor | None] | None = None,
+    queries: Sequence[Sequence[torch.Tensor | None]],
     batch_size: int = 64,
-) -> torch.Tensor:
-    """CLS outputs (n, C) float32 on CPU of crops of any sizes (multiples of the patch size), batched.
+    precision: str = "fp32",
+) -> list[torch.Tensor]:
+    """CLS outputs of crops of any sizes (multiples of the patch size), several per crop: one per query.
 
-    last_block_masks[i], if given, is a (hh*ww,) bool mask of the patches the last block may attend to
-    (the CLS token always may). Padding tokens are masked out of every block, so each result equals the
-    crop's own unpadded forward.
+    queries[i] lists, for crop i, the last-block masks of its queries: None lets the CLS attend to every patch
+    (the crop's plain CLS), a (hh*ww,) bool mask to those patches only (the CLS token always may). The blocks
+    before the last run once per crop (padding tokens masked out of attention, so each crop's result equals
+    its own unpadded forward); the last block runs for the CLS token only. Returns per crop (n_i, C) float32
+    on CPU. ``precision='bf16'`` runs the forwards under bfloat16 autocast.
     """
     vit = extractor.vit
     device = vit.cls_token.device
     n = len(crops)
-    out = torch.zeros(n, vit.embed_dim, dtype=torch.float32)
+    out: list[torch.Tensor] = [torch.zeros(len(qs), vit.embed_dim) for qs in queries]
     if n == 0:
         return out
     p = extractor.patch_size
     sizes = [(c.shape[1] // p) * (c.shape[2] // p) for c in crops]
     order = sorted(range(n), key=lambda i: sizes[i])
-    use_amp = device.type == "cuda"
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         length = 1 + max(sizes[i] for i in idx)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        n_q = max(1, max(len(queries[i]) for i in idx))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             toks = [_embed(extractor, crops[i].to(device)) for i in idx]
             x = torch.zeros(len(idx), length, toks[0].shape[-1], dtype=toks[0].dtype, device=device)
             valid = torch.zeros(len(idx), length, dtype=torch.bool, device=device)
-            last = torch.zeros_like(valid)
+            masks = torch.zeros(len(idx), n_q, length, dtype=torch.bool, device=device)
             for j, (i, t) in enumerate(zip(idx, toks)):
                 x[j, : t.shape[0]] = t
                 valid[j, : t.shape[0]] = True
-                last[j, 0] = True
-                m = None if last_block_masks is None else last_block_masks[i]
-                last[j, 1 : t.shape[0]] = True if m is None else m.to(device).reshape(-1)
+                masks[j, :, 0] = True
+                for r, m in enumerate(queries[i]):
+                    masks[j, r, 1 : t.shape[0]] = True if m is None else m.to(device).reshape(-1)
             mask = valid[:, None, None, :]
             for blk in vit.blocks[:-1]:
                 x = blk(x, attn_mask=mask)
-            x = vit.blocks[-1](x, attn_mask=last[:, None, None, :])
-            cls = vit.norm(x)[:, 0]
-        out[idx] = cls.float().cpu()
+            cls = vit.norm(_cls_queries(vit.blocks[-1], x, valid, masks)).float().cpu()
+        for j, i in enumerate(idx):
+            out[i] = cls[j, : len(queries[i])]
     return out
+
+
+def crops_cls(
+    extractor: torch.nn.Module,
+    crops: Sequence[torch.Tensor],
+    last_block_masks: Sequence[torch.Tensor | None] | None = None,
+    batch_size: int = 64,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """CLS outputs (n, C) float32 on CPU of crops of any sizes, one per crop; last_block_masks[i], if given,
+    is a (hh*ww,) bool mask of the patches the last block's CLS may attend to (see crops_cls_queries)."""
+    masks = [None] * len(crops) if last_block_masks is None else list(last_block_masks)
+    per_crop = crops_cls_queries(extractor, crops, [[m] for m in masks], batch_size, precision)
+    if not per_crop:
+        return torch.zeros(0, extractor.vit.embed_dim)
+    return torch.cat(per_crop)
 
 
 def _normalised_image(ctx: StageContext, index: int, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -143,8 +184,13 @@ def segment_vectors(
     n_dilate: int = 5,
     batch_size: int = 64,
     device: torch.device | None = None,
+    precision: str = "fp32",
+    stats: dict | None = None,
 ) -> list[torch.Tensor]:
-    """One (S_i, D) float32 tensor per image for its segment map (ids 0..S_i-1), by the chosen method."""
+    """One (S_i, D) float32 tensor per image for its segment map (ids 0..S_i-1), by the chosen method.
+
+    Crops: segments of one image whose boxes coincide share one forward (a masked-attention query each);
+    ``stats``, if given, receives the number of crops forwarded and of segments served."""
     if method not in SEGMENT_VECTORS:
         raise ValueError(f"segment_vector must be one of {SEGMENT_VECTORS}, got {method!r}")
     n_segs = [int(m.max()) + 1 for m in segment_maps]
@@ -165,36 +211,47 @@ def segment_vectors(
     masked = method == "masked_attention_cls"
     flush_at = 8 * batch_size  # crops are views of their image: run them in chunks to bound memory
     crops: list[torch.Tensor] = []
-    masks: list[torch.Tensor | None] = []
-    parts: list[torch.Tensor] = []
-    # which crop gives each segment its vector: plain crops with the same box share one forward
-    source: list[int] = []
+    queries: list[list[torch.Tensor | None]] = []
+    owners: list[list[int]] = []  # per crop, the global segment index of each query
+    vectors = torch.zeros(sum(n_segs), extractor.vit.embed_dim)
+    n_crops = 0
+
+    def flush() -> None:
+        nonlocal crops, queries, owners
+        for rows, cls in zip(owners, crops_cls_queries(extractor, crops, queries, batch_size, precision)):
+            vectors[rows] = cls if len(rows) == cls.shape[0] else cls.expand(len(rows), -1)
+        crops, queries, owners = [], [], []
+
     bar = tqdm(total=len(features), desc=f"segment vectors ({method})", disable=not ctx.progress, leave=False)
+    offset = 0
     for i, (im, seg) in enumerate(zip(features, segment_maps)):
         bar.update(1)
         seg = seg.cpu().long()
         img = _normalised_image(ctx, i, im.grid, patch)
         boxes = segment_boxes(seg, n_segs[i], n_erode, n_dilate).tolist()
-        seen: dict[tuple[int, ...], int] = {}
-        for s, (y0, x0, y1, x1) in enumerate(boxes):
-            key = (y0, x0, y1, x1)
-            if not masked and key in seen:
-                source.append(seen[key])
-                continue
-            seen[key] = sum(len(p) for p in parts) + len(crops)
-            source.append(seen[key])
+        by_box: dict[tuple[int, ...], list[int]] = {}
+        for s, box in enumerate(boxes):  # segments with the same box share the crop's forward
+            by_box.setdefault(tuple(box), []).append(s)
+        for (y0, x0, y1, x1), members in by_box.items():
             crops.append(img[:, y0 * patch : (y1 + 1) * patch, x0 * patch : (x1 + 1) * patch])
-            masks.append((seg[y0 : y1 + 1, x0 : x1 + 1] == s).reshape(-1) if masked else None)
-        if len(crops) >= flush_at or i == len(features) - 1:
-            parts.append(crops_cls(extractor, crops, masks if masked else None, batch_size=batch_size))
-            crops, masks = [], []
+            if masked:
+                window = seg[y0 : y1 + 1, x0 : x1 + 1]
+                queries.append([(window == s).reshape(-1) for s in members])
+            else:
+                queries.append([None])
+            owners.append([offset + s for s in members])
+            n_crops += 1
+        offset += n_segs[i]
+        if len(crops) >= flush_at:
+            flush()
+    if crops:
+        flush()
     bar.close()
-    if not source:
-        return [torch.zeros(0, extractor.vit.embed_dim) for _ in n_segs]
-    cls = torch.cat(parts)[torch.tensor(source, dtype=torch.long)]
+    if stats is not None:
+        stats.update(crops=n_crops, segments=int(sum(n_segs)))
     out, start = [], 0
     for s in n_segs:
-        out.append(cls[start : start + s])
+        out.append(vectors[start : start + s])
         start += s
     return out
 
@@ -205,16 +262,23 @@ def segmentations(
     maps: Sequence[torch.Tensor],
     ctx: StageContext,
     device: torch.device,
+    background: str | None = None,
 ) -> list[Segmentation]:
-    """Segmentations of the maps with a clusterer's segment-vector parameters (DSM's and ACG's names) and its
-    ``background`` rule ('border': the segment owning most border patches keeps its own label)."""
+    """Segmentations of the maps with a clusterer's segment-vector parameters (DSM's and ACG's names: the
+    vector, crop morphology and batch, ``precision``) and a background rule (default: the clusterer's
+    ``background``; 'border': the segment owning most border patches keeps its own label). The crop counts
+    and the precision used are left on the clusterer as ``segment_vector_stats_``."""
+    rule = clusterer.background if background is None else background
+    precision = resolve_precision(getattr(clusterer, "precision", "fp32"), device, clusterer.plugin_name)
+    stats: dict = {"precision": precision if clusterer.segment_vector != "mean" else None}
     vectors = segment_vectors(
         clusterer.segment_vector, features, maps, ctx, mean_feature=clusterer.mean_feature,
         n_erode=clusterer.n_erode, n_dilate=clusterer.n_dilate, batch_size=clusterer.crop_batch_size,
-        device=device,
+        device=device, precision=precision, stats=stats,
     )  # fmt: skip
+    clusterer.segment_vector_stats_ = stats
     out = []
     for m, v in zip(maps, vectors):
-        bg = border_segment(m, int(v.shape[0])) if clusterer.background == "border" else None
+        bg = border_segment(m, int(v.shape[0])) if rule == "border" else None
         out.append(Segmentation(m, v.float(), background=bg))
     return out

@@ -20,7 +20,14 @@ from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..errors import ConfigError
 from ..registry import register
 from . import _spectral as sp
-from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
+from ._common import (
+    dataset_background_class,
+    dense_matrix,
+    pick_feature,
+    plugin_device,
+    relabel_consecutive,
+    require,
+)
 from ._segment_vectors import check_segment_vector_params, segmentations
 
 DSM_PRESETS = {
@@ -50,18 +57,19 @@ DSM_PRESETS = {
 class DeepSpectral(ImageClusterer):
     """Deep spectral segments: k-means of Laplacian eigenvectors of the key affinity; CLS of segment crops."""
 
-    version = "1"
+    version = "2"  # 2: background "auto" (follows the dataset)
 
     # explicit signature (registry reads it); the segment-vector parameters repeat ACG's on purpose
     def __init__(
         self,
         feature: Literal["auto", "keys", "tokens", "code"] = "auto",
+        centre_features: bool = False,
         n_eigenvectors: int = 20,
         color_lambda: float = 0.0,
         n_segments: int = 15,
         adaptive: bool = False,
         kmeans_eigenvectors: int | None = None,
-        background: Literal["border", "none"] = "border",
+        background: Literal["auto", "border", "none"] = "auto",
         label_shift_quirk: bool = False,
         segment_vector: Literal["crop_cls", "mean", "masked_attention_cls"] = "crop_cls",
         mean_feature: Literal["auto", "tokens", "keys", "code"] = "auto",
@@ -70,14 +78,16 @@ class DeepSpectral(ImageClusterer):
         kmeans_engine: Literal["sklearn", "torch"] = "sklearn",
         n_init: int = 10,
         max_iter: int = 300,
-        eig_solver: Literal["torch", "scipy"] = "torch",
+        eig_solver: Literal["auto", "torch", "lapack", "scipy"] = "auto",
         eig_dtype: Literal["auto", "float32", "float64"] = "auto",
         eig_batch_size: int = 64,
         crop_batch_size: int = 64,
+        precision: Literal["auto", "fp32", "bf16"] = "auto",
         seed: int = 0,
         device: str = "cpu",
     ):
         need = partial(require, "dsm")
+        need(precision in ("auto", "fp32", "bf16"), "precision", precision, "'auto', 'fp32' or 'bf16'")
         need(n_eigenvectors >= 2, "n_eigenvectors", n_eigenvectors, ">= 2 (one constant + one informative)")
         need(n_segments >= 1, "n_segments", n_segments, ">= 1")
         need(color_lambda >= 0, "color_lambda", color_lambda, ">= 0")
@@ -92,6 +102,7 @@ class DeepSpectral(ImageClusterer):
         need(eig_batch_size >= 1, "eig_batch_size", eig_batch_size, ">= 1")
         check_segment_vector_params("dsm", n_erode, n_dilate, crop_batch_size)
         self.feature = feature
+        self.centre_features = centre_features
         self.n_eigenvectors = n_eigenvectors
         self.color_lambda = color_lambda
         self.n_segments = n_segments
@@ -110,6 +121,7 @@ class DeepSpectral(ImageClusterer):
         self.eig_dtype = eig_dtype
         self.eig_batch_size = eig_batch_size
         self.crop_batch_size = crop_batch_size
+        self.precision = precision
         self.seed = seed
         self.device = device
 
@@ -136,8 +148,10 @@ class DeepSpectral(ImageClusterer):
         self, features: FeatureSet, indices: list[int], name: str, ctx: StageContext | None, dev, dtype
     ) -> torch.Tensor:
         """(B, P, P) affinity W = max(f f^T, 0) + color_lambda * W_knn for images of one grid size."""
-        x = torch.stack([dense_matrix(features[i], name) for i in indices])
-        W = sp.feature_affinity(x.to(dev, dtype))
+        x = torch.stack([dense_matrix(features[i], name) for i in indices]).to(dev, dtype)
+        if self.centre_features:  # each image's mean feature removed (see the card: DINOv2 keys)
+            x = x - x.mean(1, keepdim=True)
+        W = sp.feature_affinity(x)
         if self.color_lambda > 0:
             if ctx is None:
                 raise ConfigError("dsm: color_lambda > 0 needs the dataset images (a StageContext)")
@@ -148,8 +162,13 @@ class DeepSpectral(ImageClusterer):
     def eigenvectors(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest n_eigenvectors eigenpairs of a stack of affinities, sign-fixed, by the chosen solver."""
         K = self.n_eigenvectors
-        if self.eig_solver == "torch":
+        solver = self.eig_solver
+        if solver == "auto":  # batched dense eigh on a GPU; on a CPU only the K wanted pairs, images threaded
+            solver = "torch" if W.device.type == "cuda" else "lapack"
+        if solver == "torch":
             evals, vecs = sp.eigh_smallest(W, K)
+        elif solver == "lapack":
+            evals, vecs = sp.lapack_smallest(W, K, threads=torch.get_num_threads())
         else:
             pairs = [sp.eigsh_smallest(w.double().cpu().numpy(), K) for w in W]
             evals = torch.from_numpy(np.stack([p[0] for p in pairs])).to(W.device, W.dtype)
@@ -208,8 +227,18 @@ class DeepSpectral(ImageClusterer):
         self.eigenvalues_ = evals_all
         return maps  # type: ignore[return-value]
 
+    def resolved_background(self, ctx: StageContext | None) -> str:
+        """The background rule in force: the grid's 'border'/'none', or for 'auto' 'border' exactly when the
+        dataset has a background class (VOC) and 'none' otherwise (MSRC-v2, CamVid, COCO-Stuff, ...)."""
+        if self.background != "auto":
+            return self.background
+        dataset = None if ctx is None else ctx.dataset
+        return "border" if dataset is not None and dataset_background_class(dataset) is not None else "none"
+
     def predict(self, features: FeatureSet, ctx: StageContext) -> list[Segmentation]:
-        out = segmentations(self, features, self.segment(features, ctx), ctx, self._torch_device())
+        self.background_ = self.resolved_background(ctx)
+        maps = self.segment(features, ctx)
+        out = segmentations(self, features, maps, ctx, self._torch_device(), background=self.background_)
         self.n_segments_ = [s.n_segments for s in out]
         return out
 
@@ -218,6 +247,8 @@ class DeepSpectral(ImageClusterer):
             "eigenvalues": getattr(self, "eigenvalues_", None),
             "n_segments": getattr(self, "n_segments_", None),
             "label_shift_quirk": self.label_shift_quirk,
+            "resolved": {"background": getattr(self, "background_", None)},
+            "segment_vectors": getattr(self, "segment_vector_stats_", None),
         }
 
 

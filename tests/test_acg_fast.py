@@ -1,0 +1,109 @@
+"""ACG's fast paths compute the same function as the direct forms: the cross-attention folded through the
+prototypes, the fused pixel-attention and max-intensity kernels (numba) and the small self-attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ussbench.image_clusterers import _modularity, _pixel_attention
+from ussbench.image_clusterers.acg import ConceptGenerator, self_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn at random (LayerNorm gains and biases included), so no term vanishes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(
+                0.3 * torch.randn(p.shape, generator=g) + (1.0 if p.ndim == 1 and p.shape[0] % 7 else 0.0)
+            )
+    return model
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_folded_cross_attention_equals_the_direct_form(heads):
+    model = _randomised(ConceptGenerator(dim=16, n_prototypes=3, n_rounds=2, n_heads=heads, ffn_dim=24), 1)
+    x = torch.randn(4, 10, 16, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(x), model.forward_reference(x), atol=2e-4, rtol=2e-4)
+    # gradients too (the folds are differentiable functions of the same parameters)
+    model(x).square().sum().backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.forward_reference(x).square().sum().backward()
+    for a, p in zip(fast, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=2e-3, rtol=2e-3)
+
+
+def test_self_attention_equals_multihead_attention():
+    mha = _randomised(torch.nn.MultiheadAttention(12, 3, batch_first=True), 3)
+    p = torch.randn(5, 6, 12, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(
+        self_attention(p, mha), mha(p, p, p, need_weights=False)[0], atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.skipif(_pixel_attention.numba is None, reason="numba not installed")
+def test_pixel_attention_kernel_equals_torch():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 37, 20, generator=g)
+    q = torch.randn(3, 4, 20, generator=g, requires_grad=True)
+    w = torch.randn(3, 4, 20, generator=g)
+    out = _pixel_attention.pixel_attention(q, x)
+    (out * w).sum().backward()
+    q2 = q.detach().clone().requires_grad_(True)
+    ref = (q2 @ x.transpose(1, 2)).softmax(-1) @ x
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(_modularity.numba is None, reason="numba not installed")
+def test_max_intensity_kernel_equals_the_torch_path():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 29, 8, generator=g)
+    graph = _modularity.modularity_graph(x)
+    S = torch.rand(3, 29, 5, generator=g)
+    q_fast, h_fast = _modularity._max_intensity_numba(S, graph)
+    q_ref, h_ref = _modularity._max_intensity_torch(S, graph)
+    torch.testing.assert_close(q_fast, q_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h_fast, h_ref, atol=1e-6, rtol=1e-5)
+    assert q_ref.abs().min() > 1e-4  # a non-trivial value
+
+
+def test_modularity_from_a_precomputed_graph_matches_the_loss():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 15, 6, generator=g)
+    S = F.relu(torch.randn(2, 15, 4, generator=g))
+    graph = _modularity.modularity_graph(x)
+    for intensity in ("max", "sum"):
+        want = -_modularity.modularity_loss(x, S, intensity)
+        torch.testing.assert_close(_modularity.modularity(S, graph, intensity).mean(), want)
+
+
+def test_padded_batches_equal_each_image_alone():
+    """Images of different sizes batch together zero-padded: concepts, assignments and modularity equal each
+    image's own unpadded computation (folded and direct forms alike)."""
+    model = _randomised(ConceptGenerator(dim=16, n_prototypes=3, n_rounds=2, n_heads=1, ffn_dim=24), 8)
+    g = torch.Generator().manual_seed(9)
+    images = [torch.randn(p, 16, generator=g) for p in (20, 13, 17)]
+    lengths = torch.tensor([20, 13, 17])
+    x = torch.zeros(3, 20, 16)
+    for j, im in enumerate(images):
+        x[j, : len(im)] = im
+    x_hat = model.standardise(x)
+    folded = model(None, x_hat, lengths)  # x=None forces the folded form
+    direct = model.forward_reference(x, lengths)
+    graph = _modularity.modularity_graph(x)
+    for j, im in enumerate(images):
+        alone = model.forward_reference(im[None])[0]
+        torch.testing.assert_close(folded[j], alone, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(direct[j], alone, atol=2e-4, rtol=2e-4)
+    S = F.relu(F.normalize(x, dim=-1) @ F.normalize(folded, dim=-1).transpose(1, 2))
+    q = _modularity.modularity(S, graph, "max", lengths)
+    for j, im in enumerate(images):
+        own = _modularity.modularity(S[j : j + 1, : len(im)], _modularity.modularity_graph(im[None]), "max")
+        torch.testing.assert_close(q[j], own[0], atol=1e-6, rtol=1e-5)
