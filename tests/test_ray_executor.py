@@ -4,7 +4,9 @@ resume; failed stages and dead workers end as recorded cells; no Ray process is 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -216,6 +218,25 @@ def test_killing_a_worker_mid_grid_still_records_every_cell(tmp_path, toy_root, 
         "the killed task was retried elsewhere and every cell finished"
     )
     assert len(records(grid.output)) == 4 and not failed_records(grid.output)
+
+
+def _unpickle_after_importing(plugins: str, blob: bytes) -> str:
+    from ussbench import registry
+
+    registry.import_plugin_module(plugins)
+    return type(pickle.loads(blob)).__name__
+
+
+@pytest.mark.slow
+def test_a_plugin_object_unpickles_in_another_process_that_imported_the_grids_plugins():
+    """Plugin modules get the same module name in every process, so a worker reads a fitted plugin object
+    that another worker computed (Python's str hash differs per process and once named the module)."""
+    from ussbench import registry
+
+    module = registry.import_plugin_module(PLUGINS)
+    blob = pickle.dumps(module.MisbehavingSegments(mode="fail"))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_unpickle_after_importing, (PLUGINS, blob)) == "MisbehavingSegments"
 
 
 def test_cli_without_ray_is_one_line_saying_how_to_install_it(tmp_path, toy_root, monkeypatch, capsys):

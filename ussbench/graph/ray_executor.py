@@ -74,6 +74,23 @@ class CacheRef:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """A small value, pickled in the worker that computed it and unpickled only when a stage reads it: after
+    the reading worker has imported the grid's plugin modules (a fitted plugin object needs its class)."""
+
+    blob: bytes
+
+    @classmethod
+    def of(cls, value: Any) -> Packed:
+        from ray import cloudpickle
+
+        return cls(cloudpickle.dumps(value, protocol=5))
+
+    def unpack(self) -> Any:
+        return pickle.loads(self.blob)
+
+
+@dataclass(frozen=True)
 class NodeMeta:
     """How a node's task went: seconds (compute or cache load), computed or loaded, the worker's peaks."""
 
@@ -161,7 +178,8 @@ _STATE = _WorkerState()
 
 
 class _LazyValues(dict):
-    """Input values that read a cached input only when the stage asks for it (the sink never reads features)."""
+    """Input values read only when the stage asks for them: a cached input from the cache (the sink never
+    reads features), a packed one unpickled."""
 
     def __init__(self, values: dict[str, Any], rt: Runtime):
         super().__init__(values)
@@ -169,6 +187,9 @@ class _LazyValues(dict):
 
     def __getitem__(self, name: str) -> Any:
         value = super().__getitem__(name)
+        if isinstance(value, Packed):
+            value = value.unpack()
+            super().__setitem__(name, value)
         return _STATE.value(value, self._rt) if isinstance(value, CacheRef) else value
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -217,6 +238,8 @@ def run_node(node: Node, settings: RunSettings, names: tuple[str, ...], owned: t
         ref = CacheRef(node.stage.cache_stage, node.key)
         _STATE.keep(ref, value)
         value = ref
+    elif node.cell is None:  # a cell's row and extras go to the driver as they are
+        value = Packed.of(value)
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     return value, NodeMeta(got.seconds, got.computed, peak_rss_mb(), gpu, os.getpid())
 
