@@ -147,8 +147,8 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_results(tm
     for _ in range(5):
         finished_before.append(len(results(out)) if (out / "cells").is_dir() else 0)
         proc = start(grid)
-        wait_for_events(grid, sum(events(grid).values()) + int(rng.integers(1, 12)), proc)
-        time.sleep(float(rng.uniform(0.0, 0.4)))
+        wait_for_events(grid, sum(events(grid).values()) + int(rng.integers(1, 6)), proc)
+        time.sleep(float(rng.uniform(0.0, 0.2)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -208,7 +208,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, toy_root, fai
     path = tiny_grid(tmp_path, toy_root, seeds=[0, 1], image_clusterers=["fails_on_seed_test"],
                      dataset_clusterers=["kmeans", {"name": "kmeans", "params": {"engine": "sklearn"}, "label": "sk"}])  # fmt: skip
     with caplog.at_level(logging.INFO):
-        code = main(["run", "--grid", str(path), "--no-progress"])
+        code = main(["-v", "run", "--grid", str(path), "--no-progress"])
     assert code == 1
     assert "2 cell(s) failed" in capsys.readouterr().err
     assert sorted(fails_on_seed.calls) == [0, 1], (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from .config import STAGE_KEYS, Grid
 
@@ -23,13 +24,28 @@ def cache_entries(cache_dir: Path) -> dict[str, int]:
     return {d.name: sum(1 for _ in d.glob("*.pt")) for d in sorted(cache_dir.iterdir()) if d.is_dir()}
 
 
-def describe(grid: Grid) -> list[str]:
-    """Lines describing what ``run`` would do: one per cell (finished or to run) and a summary."""
-    from .pipeline import STAGE_ORDER
-    from .runner import expand_cells, validate_grid
+def stage_cache_status(plan: Any, cache: Any) -> str:
+    """Per stage kind, how many of the graph's cacheable nodes the cache already holds (e.g. features 1/1)."""
+    held: Counter = Counter()
+    total: Counter = Counter()
+    for node in plan.graph:
+        if node.cached:
+            total[node.kind] += 1
+            held[node.kind] += int(cache.contains(node.stage.cache_stage, node.key))
+    return ", ".join(f"{kind} {held[kind]}/{total[kind]}" for kind in total) or "no cacheable stage"
 
-    validate_grid(grid)
-    cells = expand_cells(grid)
+
+def describe(grid: Grid) -> list[str]:
+    """Lines describing what ``run`` would do: one per cell (finished or to run) and a summary.
+
+    Cell ids come from the stage graph (they depend on the data's and the backbone's fingerprints), so the
+    dry run plans the graph exactly as ``run`` would, without computing any node.
+    """
+    from .pipeline import STAGE_ORDER
+    from .runner import plan_grid
+
+    plan, rt = plan_grid(grid, remember=False)
+    cells = plan.cells
     done = finished_cell_ids(grid.output)
     sizes = " x ".join(f"{len(grid.stages[key])} {key}" for key in STAGE_KEYS) + f" x {len(grid.seeds)} seeds"
     lines = [
@@ -40,8 +56,7 @@ def describe(grid: Grid) -> list[str]:
         f"  data root {grid.data_root}; output {grid.output}; cache {grid.cache_dir}",
     ]
     status = Counter()
-    for cell in cells:
-        cid = cell.cell_id(grid.protocol)
+    for cell, cid in zip(cells, plan.cell_ids):
         state = "finished" if cid in done else "to run"
         status[state] += 1
         labels = " | ".join(cell.entry(kind).label for kind in STAGE_ORDER)
@@ -49,5 +64,6 @@ def describe(grid: Grid) -> list[str]:
     cached = cache_entries(grid.cache_dir)
     held = ", ".join(f"{stage} {n}" for stage, n in cached.items() if stage != "weights") or "nothing"
     lines.append(f"{status['finished']} finished, {status['to run']} to run; cache holds {held} entries")
+    lines.append(f"  stage values already cached: {stage_cache_status(plan, rt.cache)}")
     lines.append("dry run: nothing was computed or written")
     return lines

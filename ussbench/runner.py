@@ -95,15 +95,20 @@ def run_settings(grid: Grid, device: torch.device, progress: bool) -> RunSetting
                        plugin_base_dir=str(Path.cwd()))  # fmt: skip
 
 
-def plan_grid(grid: Grid, progress: bool = False, limit_cells: int | None = None) -> tuple[Plan, Runtime]:
-    """The validated grid's stage graph (no work done) and the runtime it was planned with."""
+def plan_grid(
+    grid: Grid, progress: bool = False, limit_cells: int | None = None, remember: bool = True
+) -> tuple[Plan, Runtime]:
+    """The validated grid's stage graph (no work done) and the runtime it was planned with.
+
+    ``remember=False`` plans without writing file digests to the cache (``--dry-run``).
+    """
     validate_grid(grid)
     device = resolve_device(grid.device)
     cells = expand_cells(grid)
     if limit_cells is not None:
         cells = cells[:limit_cells]
     rt = Runtime(run_settings(grid, device, progress))
-    return plan_cells(cells, rt), rt
+    return plan_cells(cells, rt, remember), rt
 
 
 @dataclass

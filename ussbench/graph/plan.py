@@ -48,9 +48,9 @@ class Plan:
 class Planner:
     """Builds the graph for one run; memoises fingerprints and plugin identities across cells."""
 
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: Runtime, remember: bool = True):
         self.rt = rt
-        root = rt.settings.cache_root
+        root = rt.settings.cache_root if remember else None  # remember=False (dry run): write nothing
         self.digests = DigestStore(Path(root) / "fingerprints" if root else None)
         self._data: dict[str, dict[str, Any]] = {}
         self._backbone: dict[str, dict[str, Any]] = {}
@@ -179,6 +179,9 @@ def features_memory_mb(dataset: Any, backbone: Any) -> int:
     return int(len(dataset) * per_image / 2**20) + 512
 
 
-def plan_cells(cells: list[Cell], rt: Runtime) -> Plan:
-    """The stage graph of ``cells`` (shared stages merged) with each cell's id and identity."""
-    return Planner(rt).plan(cells)
+def plan_cells(cells: list[Cell], rt: Runtime, remember: bool = True) -> Plan:
+    """The stage graph of ``cells`` (shared stages merged) with each cell's id and identity.
+
+    ``remember=False`` keeps the file digests in memory only (a dry run writes nothing to the cache).
+    """
+    return Planner(rt, remember).plan(cells)
