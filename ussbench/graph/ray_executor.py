@@ -321,6 +321,7 @@ class _Run:
         self.remaining: dict[str, int] = {}
         self.owner: dict[str, int] = {}  # key -> the first cell of this run that needs the node
         self.counted: set[str] = set()
+        self.got: dict[str, NodeMeta | None] = {}  # metas fetched so far (None: the node failed)
         self.summary = ExecutionSummary()
         self.window = ex.window or max(8, 4 * int(self.limits.cpus or 1))
 
@@ -454,10 +455,14 @@ class _Run:
 
     # -- records -------------------------------------------------------------------------------------------
     def _meta(self, node: Node) -> NodeMeta | None:
+        if node.key in self.got:
+            return self.got[node.key]
         try:
-            return self.ray.get(self.metas[node.key])
+            meta = self.ray.get(self.metas[node.key])
         except Exception:  # noqa: BLE001 - the node failed: the caller records why
-            return None
+            meta = None
+        self.got[node.key] = meta
+        return meta
 
     def _count(self, nodes: list[Node]) -> list[tuple[Node, NodeMeta]]:
         got = []
