@@ -1,13 +1,14 @@
 """A plugin for the Ray executor's tests, imported by the grid's ``plugins:`` in the driver and every worker.
 
 ``ray_test_segments`` is ``none`` (one segment per patch) that misbehaves on seed ``bad_seed``:
-``mode: fail`` raises, ``mode: crash`` kills its own worker process on every attempt, ``mode: hang_once``
+``mode: fail`` raises, ``mode: eio_once`` raises an I/O error on its first attempt only, ``mode: crash`` kills its own worker process on every attempt, ``mode: hang_once``
 writes its pid to ``marker_dir`` and waits (to be killed from outside) on its first attempt only. Every
 attempt leaves a file in ``marker_dir``, so a test counts the attempts across processes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -33,6 +34,8 @@ class MisbehavingSegments(PatchSegments):
             (folder / f"attempt-{self.seed}-{os.getpid()}-{earlier}").write_text(str(os.getpid()))
             if self.mode == "fail":
                 raise RuntimeError(f"boom on seed {self.seed}")
+            if self.mode == "eio_once" and earlier == 0:  # a shared filesystem's hiccup
+                raise OSError(errno.EIO, "Input/output error (injected)")
             if self.mode == "crash":
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.mode == "hang_once" and earlier == 0:

@@ -181,6 +181,16 @@ def test_a_failing_stage_is_recorded_like_the_local_executors_and_the_rest_finis
 
 
 @pytest.mark.slow
+def test_a_transient_error_is_retried_and_the_cell_finishes(tmp_path, toy_root, local_ray):
+    path = misbehaving_grid(tmp_path, toy_root, "eio_once")
+    grid = load_grid(path)
+    got = run_grid(grid, progress=False, report=False, executor=RayExecutor(max_retries=1))
+    assert got.n_failed == 0 and got.n_run == 4
+    assert len(list((tmp_path / "attempts").glob("attempt-1-*"))) == 2, "the I/O error was retried once"
+    assert not failed_records(grid.output)
+
+
+@pytest.mark.slow
 def test_a_worker_that_always_dies_is_retried_a_bounded_number_of_times_then_recorded(tmp_path, toy_root,
                                                                                        local_ray):  # fmt: skip
     grid = load_grid(misbehaving_grid(tmp_path, toy_root, "crash"))
