@@ -214,6 +214,8 @@ def run_node(node: Node, settings: RunSettings, names: tuple[str, ...], owned: t
     """A node's task: its value (a CacheRef for a cached stage) and its meta. ``args`` are the inputs' values
     (then, for a cell's sink, the inputs' metas: its row records their seconds and whether they were reused;
     ``owned[i]``: this cell is the first of the run to use input i)."""
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        settings = dataclasses.replace(settings, device="cpu")  # a CPU-only task: Ray hid the GPUs from it
     rt = _STATE.runtime(settings)
     device = rt.device
     if device.type == "cuda":
@@ -323,7 +325,7 @@ class _Run:
         self.counted: set[str] = set()
         self.got: dict[str, NodeMeta | None] = {}  # metas fetched so far (None: the node failed)
         self.summary = ExecutionSummary()
-        self.window = ex.window or max(8, 4 * int(self.limits.cpus or 1))
+        self.window = ex.window or max(8, 4 * int(self.ray.cluster_resources().get("CPU", 1)))
 
     # -- planning ----------------------------------------------------------------------------------------
     def _ancestors(self, sink: Node) -> list[Node]:
@@ -496,6 +498,7 @@ class _Run:
         metas = self._count(nodes)
         seconds = sum(m.seconds for n, m in metas if self.owner.get(n.key) == i)
         row = complete_row(dict(row), cid, self.record, seconds, torch.device("cpu"))
+        row["device"] = self.rt.settings.device  # the run's device (its CPU-only stages ran on CPU workers)
         row["peak_rss_mb"] = max(m.peak_rss_mb for _, m in metas)
         row["peak_gpu_mb"] = max(m.peak_gpu_mb for _, m in metas)
         self.store.write(cid, row, extras, plan.identities[i])
