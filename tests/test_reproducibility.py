@@ -83,7 +83,10 @@ def global_rng_plugins():
 
 def test_a_cell_does_not_depend_on_what_ran_before_it(tmp_path, toy_root, global_rng_plugins):
     """Each stage seeds the global RNGs itself: a cell computed alone, inside a grid, or from a warm cache agrees."""
-    dcs = [{"name": "random_centres_test", "label": "rc-a"}, {"name": "random_centres_test", "label": "rc-b", "params": {"n_clusters": 2}}]
+    dcs = [
+        {"name": "random_centres_test", "label": "rc-a"},
+        {"name": "random_centres_test", "label": "rc-b", "params": {"n_clusters": 2}},
+    ]
     full = run_grid(load_grid(tiny_grid(folder(tmp_path / "full"), toy_root, seeds=[0, 1], image_clusterers=["random_segments_test"],
                                         dataset_clusterers=dcs)), progress=False, report=False)  # fmt: skip
     alone = run_grid(load_grid(tiny_grid(folder(tmp_path / "alone"), toy_root, seeds=[1], image_clusterers=["random_segments_test"],
