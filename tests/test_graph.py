@@ -31,7 +31,7 @@ def test_shared_stages_are_one_node(grid):
     assert len(plan.cells) == 8 and len(set(plan.cell_ids)) == 8
     # one extraction; segments: 'none' once for both seeds, km3 per seed; one assignment per cell
     assert kinds == {"features": 1, "labels": 1, "segments": 3, "covering": 3, "assignment": 8,
-                     "evaluation": 8, "cell": 8}  # fmt: skip
+                     "evaluation": 8, "cell": 8, "probe": 1}  # fmt: skip
     order = plan.graph.topological()
     position = {node.key: i for i, node in enumerate(order)}
     assert len(order) == len(plan.graph)
@@ -43,7 +43,7 @@ def test_shared_stages_are_one_node(grid):
 def test_every_shared_stage_is_computed_once_and_released(grid):
     summary = run_grid(grid, progress=False, report=False).execution
     assert dict(summary.computed) == {"features": 1, "labels": 1, "segments": 3, "covering": 3, "assignment": 8,
-                                      "evaluation": 8, "cell": 8}  # fmt: skip
+                                      "evaluation": 8, "cell": 8, "probe": 1}  # fmt: skip
     assert summary.held_at_end == 0, "every value is dropped once its last consumer is done"
     assert summary.peak_held < 16  # of 32 nodes: never the whole graph at once
     results = pd.DataFrame([json.loads(p.read_text())["row"] for p in (grid.output / "cells").glob("*.json")])
@@ -62,7 +62,7 @@ def test_a_warm_cache_loads_instead_of_computing(grid):
     for record in (first.output / "cells").glob("*.json"):
         record.unlink()
     summary = run_grid(grid, progress=False, report=False).execution
-    assert summary.loaded == {"features": 1, "segments": 3}
+    assert summary.loaded == {"features": 1, "segments": 3, "probe": 1}  # the linear probe is cached too
     assert "features" not in summary.computed and "segments" not in summary.computed
     assert summary.computed["cell"] == 8
 

@@ -25,6 +25,8 @@ from ussbench.feature_learners.hp import (
     ramp,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
+
 
 def _pairs_setup():
     """4 patches in 2 views of 2; features and codes pair (0,1) and (2,3); one reference vector (0.6, 0.8)."""
@@ -174,3 +176,35 @@ def test_hp_presets_load_and_bad_params():
         HP(rho=1.5)
     with pytest.raises(ConfigError, match="tau"):
         HP(tau=0)
+
+
+def test_hp_cross_view_share_counts_positives_outside_the_anchor_view():
+    f, z, pool = _pairs_setup()  # positive pairs (0,1) and (2,3)
+    args = (pool, pool, 0.0, 0.5, 0.0)
+    _, same = hp_loss(z, z, f, z, *args, view_size=2)  # views {0,1} {2,3}: every positive in its own view
+    order = torch.tensor([0, 2, 1, 3])  # views {0,2} {1,3}: every positive in the other view
+    _, crossed = hp_loss(z[order], z[order], f[order], z[order], *args, view_size=2)
+    assert float(same["cross_view_share"]) == pytest.approx(0.0)
+    assert float(crossed["cross_view_share"]) == pytest.approx(1.0)
+
+
+def test_hp_smaller_pool_lets_other_image_positives_through():
+    """Patches of one image share an offset (as DINOv2 tokens do): a large pool sets thresholds that only
+    same-image patches pass; the 'auto' pool, scaled to the batch, admits same-class patches of other images."""
+    g = torch.Generator().manual_seed(0)
+    classes = torch.randn(3, 32, generator=g)
+
+    def images(n: int, per_image: int) -> torch.Tensor:
+        label = torch.randint(3, (n, per_image), generator=g)
+        offset = 1.5 * torch.randn(n, 1, 32, generator=g)
+        x = classes[label] + offset + 0.3 * torch.randn(n, per_image, 32, generator=g)
+        return F.normalize(x.reshape(-1, 32), dim=1)
+
+    per_view = 36
+    f, others = images(8, per_view), images(200, per_view)  # the pool comes from the whole dataset
+    shares = {}
+    for size in (2048, 42):
+        pool = others[torch.randperm(len(others), generator=g)[:size]]
+        _, parts = hp_loss(f, f, f, f, pool, pool, 0.0, 0.6, 0.02, per_view)
+        shares[size] = float(parts["cross_view_share"])
+    assert shares[2048] < 0.05 and shares[42] > 4 * shares[2048], shares  # measured: 1.4% vs 10.6%

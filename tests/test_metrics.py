@@ -104,3 +104,59 @@ def test_upsample_nearest_maps_pixels_to_their_patch():
         and (up[2:, :3] == 2).all()
         and (up[2:, 3:] == 3).all()
     )
+
+
+def test_per_image_counts_sum_to_the_split_and_round_trip():
+    rng = np.random.default_rng(2)
+    cm = ConfusionMatrix(5, 3)
+    gts = [rng.integers(-1, 3, size=(9, 7)) for _ in range(4)]
+    gts[2][:] = -1  # an image without a valid pixel is still an image of the split
+    preds = [rng.integers(0, 5, size=(9, 7)) for _ in range(4)]
+    for p, g in zip(preds, gts):
+        cm.update(p, g)
+    rows = cm.per_image_counts()
+    assert cm.n_images == 4 and rows.shape[1] == 4
+    assert set(rows[:, 0]) == {0, 1, 3}
+    for i, (p, g) in enumerate(zip(preds, gts)):
+        own = confusion(p, g, 5, 3)
+        mine = np.zeros((5, 3), dtype=np.int64)
+        sel = rows[rows[:, 0] == i]
+        mine[sel[:, 1], sel[:, 2]] = sel[:, 3]
+        assert np.array_equal(mine, own)
+    back = ConfusionMatrix.from_per_image(rows, 5, 3, n_images=4)
+    assert np.array_equal(back.counts, cm.counts) and back.n_images == 4
+    assert np.array_equal(back.per_image_counts(), rows)
+
+
+def test_score_many_equals_score():
+    from ussbench.evaluation.metrics import match_many, score_many
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 50, size=(20, 6, 4))
+    counts[0, :, 3] = 0  # class 3 absent; with a one-to-one match it may also be unpredicted (NaN)
+    for matching in ("auto", "hungarian", "many_to_one"):
+        maps = match_many(counts, matching)
+        miou, acc, iou = score_many(counts, maps)
+        for b in range(len(counts)):
+            s = score(counts[b], maps[b])
+            assert miou[b] == pytest.approx(s.miou) and acc[b] == pytest.approx(s.pixel_accuracy)
+            assert np.allclose(iou[b], s.per_class_iou, equal_nan=True)
+
+
+def test_iou_objective_maximises_summed_iou_by_brute_force():
+    """The IoU objective's match is the permutation with the largest summed IoU (catches a wrong union)."""
+    import itertools
+
+    def iou_sum(counts, perm):
+        r, c = counts.sum(1), counts.sum(0)
+        return sum(counts[i, j] / (r[i] + c[j] - counts[i, j]) for i, j in enumerate(perm))
+
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        counts = rng.integers(1, 60, size=(4, 4)) * rng.integers(0, 2, size=(4, 4)) + rng.integers(
+            0, 3, size=(4, 4)
+        )
+        counts[counts.sum(1) == 0, 0] = 1
+        best = max(iou_sum(counts, p) for p in itertools.permutations(range(4)))
+        found = match_clusters(counts, "hungarian", "iou")
+        assert iou_sum(counts, found) == pytest.approx(best)

@@ -13,6 +13,8 @@ from ussbench.errors import ConfigError
 from ussbench.feature_learners._heads import ProjectionHead, ema_update
 from ussbench.feature_learners.smooseg import SmooSeg, smooseg_loss, smooth_term
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
+
 
 def _points(*vectors):
     return torch.tensor(vectors, dtype=torch.float32).t()[None, :, None, :]
@@ -89,3 +91,15 @@ def test_smooseg_presets_load_and_bad_params():
         SmooSeg(temperature=0.0)
     with pytest.raises(ConfigError, match="batch_size"):
         SmooSeg(batch_size=1)
+
+
+def test_auto_teacher_momentum_leaves_the_initial_prototypes_on_a_short_run():
+    """With the reference's 0.998 a short run's teacher stays at its random start (the collapse of issue 13);
+    'auto' keeps the reference's half-life as a fraction of the run, so the teacher follows the student."""
+    fs, ctx = toy_features(), toy_ctx()
+    kw = dict(steps=40, batch_size=4, crop_size=8, lr=1e-3, prototype_lr=5e-3)
+    moved = {
+        m: SmooSeg(ema_momentum=m, **kw).fit(fs, ctx).artifacts()["teacher_cosine_to_init"]
+        for m in ("auto", 0.998)
+    }
+    assert moved[0.998] > 0.95 and moved["auto"] < moved[0.998] - 0.1

@@ -17,6 +17,8 @@ from ussbench.feature_learners._training import (
 )
 from ussbench.feature_learners.stego import STEGO, stego_loss, stego_term
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on 2 shared cores: one torch thread
+
 
 def _points(*vectors):
     """Vectors (each C values) as a (1, C, 1, n) map: one image, one row of n points."""
@@ -103,7 +105,7 @@ def _fixed_batch_loss(learner: STEGO, fs) -> float:
         torch.manual_seed(123)
         code = head(feats)
         weights = (learner.weight_self, learner.weight_knn, learner.weight_rand)
-        shifts = (learner.shift_self, learner.shift_knn, learner.shift_rand)
+        shifts = tuple(learner.resolved_[f"shift_{p}"] for p in ("self", "knn", "rand"))
         total, _ = stego_loss(feats, feats.roll(2, 0), code, code.roll(2, 0), weights, shifts, samples=8)
     return float(total)
 

@@ -1,4 +1,4 @@
-"""Command line: ``run`` a grid, ``list`` plugins, rebuild a ``report``.
+"""Command line: ``run`` a grid, ``list`` plugins, rebuild a ``report``, ``compare`` two rows.
 
 Each sub-command has one ``_add_<command>`` function (its flags) and one ``cmd_<command>`` function (what
 it does). Errors a user can fix are one line, ``ussbench: error: ...``, and exit code 2.
@@ -98,7 +98,43 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_list(sub)
     _add_report(sub)
+    _add_compare(sub)
     return p
+
+
+# -- compare (statistics): the paired comparison of two rows -----------------------------------------------------
+def _add_compare(sub) -> None:
+    cmp = sub.add_parser("compare", help="paired bootstrap comparison of two rows (of one report, or two reports "
+                         "on the same data)",
+                         description="ussbench compare REPORT ROW_A ROW_B  |  ussbench compare REPORT_A REPORT_B "
+                         "[--row-a N] [--row-b N]. A row is its line number in the leaderboard or a piece of its label.")  # fmt: skip
+    cmp.add_argument("first", help="a report folder")
+    cmp.add_argument("second", help="a row of the first report, or a second report folder")
+    cmp.add_argument("third", nargs="?", help="the other row of the first report")
+    cmp.add_argument(
+        "--row-a", default="1", help="row of the first folder when comparing two folders (default 1)"
+    )
+    cmp.add_argument(
+        "--row-b", default="1", help="row of the second folder when comparing two folders (default 1)"
+    )
+    _logging_options(cmp, suppress=True)
+    cmp.add_argument(
+        "--resamples", type=_replicates, default=1000, help="bootstrap replicates (default 1000)"
+    )
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def _replicates(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bootstrap replicates, got {text!r}")
+    return int(text)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .reports.compare import compare
+
+    print(compare(args.first, args.second, args.third, args.row_a, args.row_b, args.resamples, args.seed))
+    return 0
 
 
 def cmd_list(kind: str | None, plugins: list[str]) -> int:
@@ -155,10 +191,12 @@ def cmd_report(output: str, name: str | None) -> int:
     out = Path(output)
     if not out.is_dir():
         raise ConfigError(f"report folder {output!r} does not exist")
-    if not any((out / "cells").glob("*.json")):
+    if (
+        not any((out / "cells").glob("*.json")) and not (out / "results.parquet").is_file()
+    ):  # committed: parquet
         raise ConfigError(
-            f"{output!r} holds no finished cells ({out / 'cells'}/*.json): not a grid output folder, or no "
-            "cell has finished yet (run the grid first)"
+            f"{output!r} holds no finished cells ({out / 'cells'}/*.json) and no results.parquet: not a grid output "
+            "folder, or no cell has finished yet (run the grid first)"
         )
     paths = build_report(out, grid_name=name or out.resolve().name)
     print(f"report written: {paths['markdown']}")
@@ -194,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args.kind, args.plugins)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "report":
             return cmd_report(args.output, args.name)
     except UssbenchError as exc:

@@ -31,7 +31,7 @@ STAGE_KEYS = {
 OPTIONAL_STAGES = {"feature_learners", "postprocess"}  # "none" means the stage is skipped
 TOP_LEVEL_KEYS = {
     "name", "description", "base", "data_root", "output", "cache_dir", "device", "seeds", "plugins", "protocol",
-    "exclude", *STAGE_KEYS,
+    "exclude", "baseline", *STAGE_KEYS,
 }  # fmt: skip
 NOT_INHERITED = ("name", "description", "output")  # each grid file names itself and its report folder
 ENTRY_KEYS = {"name", "params", "preset", "label"}
@@ -44,8 +44,10 @@ PROTOCOL_KEYS = {
     "res": ((int, type(None)), None),
     "flip_tta": ((bool, type(None)), None),  # None: as the named protocol says
     "crf": ((bool, type(None)), None),
+    "linear_probe": ((bool, type(None)), None),  # None: on (ussbench.evaluation.probe); kept out of cell ids
 }
 BOOL_PROTOCOL_KEYS = ("flip_tta", "crf")
+OPTIONAL_BOOL_KEYS = ("linear_probe",)
 PROTOCOL_CHOICES = {"name": ("default", "dsm_voc", "stego"), "matching": ("auto", "hungarian", "many_to_one"),
                     "objective": ("pixels", "iou")}  # fmt: skip
 # Parameters the runner fills in per cell when a plugin accepts them and the grid did not set them.
@@ -147,6 +149,8 @@ def load_grid(
                     "set postprocess: [none] or protocol.crf: false"
                 )
     exclude = _parse_exclude(raw.get("exclude", []) or [], stages, f"{where}: exclude")
+    if raw.get("baseline") is not None:
+        _check_baseline(raw["baseline"], stages, f"{where}: baseline")
     data_root = _data_root(raw, where)
     for key in ("output", "cache_dir"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
@@ -326,7 +330,7 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
     out = {}
     for key, (types_, default) in PROTOCOL_KEYS.items():
         value = raw.get(key, default)
-        if key in BOOL_PROTOCOL_KEYS:
+        if key in BOOL_PROTOCOL_KEYS or key in OPTIONAL_BOOL_KEYS:
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
         elif not isinstance(value, types_) or isinstance(value, bool):
@@ -366,6 +370,9 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"{where}.crf: protocol {spec.name!r} has no CRF preset; use postprocess: [crf] instead"
         )
+    for key in OPTIONAL_BOOL_KEYS:
+        if out[key] is None:
+            del out[key]
     if out["n_clusters"] is not None and out["n_clusters"] < 1:
         raise ConfigError(f"{where}.n_clusters: expected a positive integer, got {out['n_clusters']}")
     return out
@@ -396,6 +403,22 @@ def _parse_exclude(raw: Any, stages: dict[str, list[StageEntry]], where: str) ->
     if out and _every_cell_excluded(stages, out):
         raise ConfigError(f"{where}: the rules exclude every cell of the grid")
     return out
+
+
+def _check_baseline(raw: Any, stages: dict[str, list[StageEntry]], where: str) -> None:
+    """The grid's baseline row for the report's Δ column: stage -> a label or plugin name of that stage's entries."""
+    keys = {kind: key for key, kind in STAGE_KEYS.items()}
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            f"{where}: expected a mapping of stage to label, e.g. {{image_clusterer: none}}, got {raw!r}"
+        )
+    for kind, value in raw.items():
+        if kind not in keys:
+            raise ConfigError(f"{where}: unknown stage {kind!r}{_suggest(kind, keys)}")
+        entries = stages[keys[kind]]
+        if not isinstance(value, str) or not any(e.label == value or e.name == value for e in entries):
+            known = ", ".join(sorted({e.label for e in entries}))
+            raise ConfigError(f"{where}.{kind}: {value!r} names no entry of {keys[kind]} (labels: {known})")
 
 
 def _every_cell_excluded(stages: dict[str, list[StageEntry]], rules: list[dict[str, str]]) -> bool:

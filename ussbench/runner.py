@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_json, clean_orphans
+from . import provenance
+from .atomic import clean_orphans
 from .config import STAGE_KEYS, Grid, StageEntry
 from .errors import ConfigError
 from .graph.cells import STAGE_ORDER, Cell, build_plugin
@@ -142,16 +143,17 @@ def run_grid(
     ):  # our folders only
         for path in clean_orphans(folder, recursive):
             log.info("removed %s (left by a killed run)", path)
-    env = environment_info(rt.device)
-    atomic_write_json(out / "run.json", {"grid": grid.raw, "grid_file": str(grid.path), "environment": env,
-                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_cells": len(plan.cells),
-                                         "executor": (executor or InProcessExecutor()).name})  # fmt: skip
+    executor = executor or InProcessExecutor()
+    env, run_index = provenance.start_run(
+        out, grid, environment_info(rt.device), len(plan.cells), extra={"executor": executor.name}
+    )  # run.json history (provenance.py)
     start = time.perf_counter()
-    result = (executor or InProcessExecutor()).run(plan, CellStore(out), rt, RecordContext(grid.name, env))
+    result = executor.run(plan, CellStore(out), rt, RecordContext(grid.name, env))
     failures = [o.error or "" for o in result.failed]
     summary = RunSummary(grid, out, len(plan.cells), result.count("run"),
                          result.count("resumed") + result.count("shared"), time.perf_counter() - start,
                          len(failures), failures, result)  # fmt: skip
+    provenance.finish_run(out, run_index, summary.n_run, summary.n_resumed, summary.seconds, summary.n_failed)
     if report:
         if len(failures) == len(plan.cells):
             log.warning("no cell of grid %s finished; report not written", grid.name)

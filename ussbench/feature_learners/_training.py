@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -28,12 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..base import FeatureLearner, FeatureSet, StageContext
 from ..errors import ConfigError, NumericalError
+from . import health
 from .omh import OMHHeads, check_omh_params
 
+log = logging.getLogger(__name__)
 KNN_K = 30
 CROP_MODES = ("random", "five")
 
@@ -182,9 +187,15 @@ class ViewSampler:
         return batch
 
 
-def derangement(n: int, device: torch.device) -> torch.Tensor:
-    """A random permutation without fixed points (one random cycle through all n >= 2 indices)."""
-    order = torch.randperm(n, device=device)
+def derangement(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random permutation without fixed points (one random cycle through all n >= 2 indices).
+
+    With a (CPU) ``generator`` the draw comes from it, else from the device's global generator.
+    """
+    if generator is not None:
+        order = torch.randperm(n, generator=generator).to(device)
+    else:
+        order = torch.randperm(n, device=device)
     perm = torch.empty_like(order)
     perm[order] = order.roll(1)
     return perm
@@ -234,10 +245,12 @@ class LossLog:
 
 def check_common_params(**params: Any) -> None:
     """Validate the training parameters shared by all head learners (one error naming the parameter)."""
-    positive_int = ("dim", "steps", "batch_size", "crop_size")
+    positive_int = ("dim", "steps", "batch_size", "crop_size", "curve_every")
     for name in positive_int:
         if name in params and (not isinstance(params[name], int) or params[name] < 1):
             raise ConfigError(f"{name} must be an integer >= 1, got {params[name]!r}")
+    if "checkpoints" in params and (not isinstance(params["checkpoints"], int) or params["checkpoints"] < 0):
+        raise ConfigError(f"checkpoints must be an integer >= 0, got {params['checkpoints']!r}")
     if params.get("epochs") is not None and params["epochs"] <= 0:
         raise ConfigError(f"epochs must be > 0 or null, got {params['epochs']!r}")
     if params.get("num_classes") is not None and params["num_classes"] < 1:
@@ -252,16 +265,54 @@ def check_common_params(**params: Any) -> None:
     check_omh_params(**{k: v for k, v in params.items() if k.startswith("omh")})
 
 
+def checkpoint_steps(n_steps: int, checkpoints: int) -> list[int]:
+    """Steps done at which a head snapshot is kept: 0 (untrained) and ``checkpoints`` evenly spaced up to n."""
+    if checkpoints < 1:
+        return []
+    return sorted({round(n_steps * i / checkpoints) for i in range(checkpoints + 1)})
+
+
+@dataclass
+class Curve:
+    """The learning curve: every ``every`` steps the mean loss parts since the last point and the codes' health."""
+
+    every: int
+    points: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        """Append a point; series stay aligned with ``step`` (NaN where a point lacks a value, e.g. step 0's loss)."""
+        n = len(self.points.setdefault("step", []))
+        self.points["step"].append(float(step))
+        for name, value in values.items():
+            self.points.setdefault(name, [math.nan] * n).append(float(value))
+        for series in self.points.values():
+            if len(series) == n:
+                series.append(math.nan)
+
+    def last(self, name: str) -> float:
+        values = self.points.get(name) or [math.nan]
+        return values[-1]
+
+
 class HeadLearner(FeatureLearner, abc.ABC):
     """Template for learners that train heads on cached features: fit = seeded loop, transform = encode.
 
-    Subclasses implement ``_setup`` (modules and optimisers), ``_loss`` (one step's base loss, the code
-    map OMH clusters, and named parts for the log) and ``_encode`` (test-time code); optional hooks
-    ``_before_step`` (gradient clipping) and ``_after_step`` (EMA updates). With ``omh=True`` the OMH
-    heads are trained beside the method's own modules and discarded at test time.
+    Subclasses implement ``_setup`` (modules and optimisers), ``_draw`` (gather the next batch from the
+    bank), ``_loss_on`` (a batch's base loss, the code map OMH clusters, and named parts for the log) and
+    ``_encode`` (test-time code); optional hooks
+    ``_calibrate`` (settings left at 'auto', measured on the features before training), ``_before_step``
+    (gradient clipping), ``_after_step`` (EMA updates) and ``_prototypes`` (for the assignment entropy).
+    With ``omh=True`` the OMH heads are trained beside the method's own modules and discarded at test time.
+
+    Every ``curve_every`` steps the mean loss parts and the health of the codes of a fixed probe of patches
+    (:mod:`.health`) are recorded (``artifacts()["curve"]``); ``checkpoints`` evenly spaced snapshots of the
+    test-time modules (plus the untrained one) are kept in memory for :meth:`transform_at` (evaluation
+    only: the learner always returns its last step). A collapsed run logs one warning line.
     """
 
     display = "head learner"
+    version = "2"  # 2: calibrated settings ('auto'), balanced OMH, health curve, calibration-generator draws
+    _snapshot_attrs: tuple[str, ...] = ("head_",)  # what _encode reads (modules or tensors)
 
     def _set_params(self, params: dict[str, Any]) -> None:
         params = {k: v for k, v in params.items() if k not in ("self", "__class__")}
@@ -277,18 +328,49 @@ class HeadLearner(FeatureLearner, abc.ABC):
         """Build modules on ``bank.device`` (and extra per-patch maps in ``bank.extras``); return optimisers."""
 
     @abc.abstractmethod
-    def _loss(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One batch: (base loss, code map (B, D, h, w) for OMH, named loss parts)."""
+    def _draw(self, step: int) -> Any:
+        """The next training batch, gathered from the bank (everything the loss reads that is not a module)."""
+
+    @abc.abstractmethod
+    def _loss_on(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The base loss of a drawn batch: (base loss, code map (B, D, h, w) for OMH, named loss parts)."""
+
+    def train_step(self, batch: Any, step: int, optimisers: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """One optimisation step on a drawn batch (base loss + OMH terms, backward, clip, optimisers, EMA)."""
+        for opt in optimisers:
+            opt.zero_grad(set_to_none=True)
+        base, code, parts = self._loss_on(batch, step)
+        loss = base
+        values = {"loss": loss, "base": base, **parts}
+        if self.omh_heads_ is not None:
+            cluster, match = self.omh_heads_.losses(code, with_match=self.omh_match)
+            loss = base + self.omh_sparsity * cluster + self.omh_structure * match
+            values.update(loss=loss, omh_cluster=cluster, omh_match=match)
+        loss.backward()
+        self._before_step()
+        for opt in optimisers:
+            opt.step()
+        self._after_step(step)
+        return values
 
     @abc.abstractmethod
     def _encode(self, feats: torch.Tensor) -> torch.Tensor:
         """Test-time code: (B, C, h, w) float32 -> (B, D, h, w)."""
+
+    def _calibrate(self) -> dict[str, Any]:
+        """Settings resolved before training (calibrated where 'auto', else as given); runs after _setup."""
+        return {}
 
     def _before_step(self) -> None:
         return None
 
     def _after_step(self, step: int) -> None:
         return None
+
+    def _prototypes(self) -> torch.Tensor | None:
+        """Prototypes whose arg-max usage the health curve reports (the first OMH level by default)."""
+        heads = getattr(self, "omh_heads_", None)
+        return heads.heads[0].weight.detach() if heads is not None else None
 
     # -- FeatureLearner API -----------------------------------------------------------------------------
     def fit(self, features: FeatureSet, ctx: StageContext) -> HeadLearner:
@@ -302,47 +384,91 @@ class HeadLearner(FeatureLearner, abc.ABC):
                 self.steps, self.epochs, self.bank_.n_views, self.sampler_.batch_size
             )
             optimisers = self._setup(self.bank_, features, ctx, n_classes, self.n_steps_)
+            self.resolved_ = self._calibrate()
             self.omh_heads_ = None
             if self.omh:
                 self.omh_heads_ = OMHHeads(
                     n_classes, self.dim, self.omh_levels, self.omh_expansion, self.omh_epsilon,
-                    self.omh_sinkhorn_iters, init=self._omh_init,
+                    self.omh_sinkhorn_iters, init=self._omh_init, balance=self.omh_balance,
                 ).to(device)  # fmt: skip
                 optimisers.append(torch.optim.Adam(self.omh_heads_.parameters(), lr=self.omh_lr))
-            self.loss_log_ = self._train(optimisers, ctx.progress)
-        del self.bank_  # the padded copy of the features is not needed after training
+            index = health.probe_indices([im.grid for im in features])
+            self.probe_ = health.gather_probe([im.tokens for im in features], index).to(device)
+            self.input_rank_ = health.effective_rank(self.probe_)
+            self.snapshots_: list[tuple[int, dict[str, Any]]] = []
+            self.loss_log_, self.curve_ = self._train(optimisers, ctx.progress)
+        del self.bank_, self.probe_  # the padded copy of the features is not needed after training
+        initial = self.curve_.points["effective_rank"][0]
+        self.collapsed_ = health.is_collapsed(self.curve_.last("effective_rank"), initial)
+        if self.collapsed_:
+            log.warning(
+                "%s: codes collapsed (effective rank %.1f after %d steps, %.1f untrained, %d dimensions; mean "
+                "cosine %.2f); its scores measure a collapsed code",
+                self.plugin_name or self.display, self.curve_.last("effective_rank"), self.n_steps_, initial,
+                self.dim, self.curve_.last("mean_cosine"),
+            )  # fmt: skip
         return self
 
     _omh_init = "randn"
 
-    def _train(self, optimisers: Sequence[Any], progress: bool) -> LossLog:
-        log = LossLog()
+    @torch.no_grad()
+    def _health(self) -> dict[str, float]:
+        """Health of the current test-time codes of the probe patches (modules briefly in eval mode)."""
+        modules = [
+            m for m in (getattr(self, a, None) for a in self._snapshot_attrs) if isinstance(m, nn.Module)
+        ]
+        modes = [m.training for m in modules]
+        code = self._encode(self.probe_[:, :, None, None])[:, :, 0, 0]
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        return health.code_health(code, self._prototypes())
+
+    def _capture(self) -> dict[str, Any]:
+        out = {}
+        for attr in self._snapshot_attrs:
+            obj = getattr(self, attr)
+            out[attr] = (
+                copy.deepcopy(obj.state_dict()) if isinstance(obj, nn.Module) else obj.detach().clone()
+            )
+        return out
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for attr, value in state.items():
+            obj = getattr(self, attr)
+            if isinstance(obj, nn.Module):
+                obj.load_state_dict(value)
+            else:
+                obj.copy_(value)
+
+    def _train(self, optimisers: Sequence[Any], progress: bool) -> tuple[LossLog, Curve]:
+        log_ = LossLog()
+        curve = Curve(self.curve_every)
+        keep = set(checkpoint_steps(self.n_steps_, self.checkpoints))
+        window: list[dict[str, torch.Tensor]] = []
+        curve.add(0, self._health())
+        if 0 in keep:
+            self.snapshots_.append((0, self._capture()))
         bar = tqdm(range(self.n_steps_), desc=f"fit {self.plugin_name or self.display}", disable=not progress)
         for step in bar:
-            for opt in optimisers:
-                opt.zero_grad(set_to_none=True)
-            base, code, parts = self._loss(step)
-            loss = base
-            values = {"loss": loss, "base": base, **parts}
-            if self.omh_heads_ is not None:
-                cluster, match = self.omh_heads_.losses(code, with_match=self.omh_match)
-                loss = base + self.omh_sparsity * cluster + self.omh_structure * match
-                values.update(loss=loss, omh_cluster=cluster, omh_match=match)
-            loss.backward()
-            self._before_step()
-            for opt in optimisers:
-                opt.step()
-            self._after_step(step)
-            log.append(values)
-            if step % 25 == 0 or step == self.n_steps_ - 1:
-                value = float(loss.detach())
-                if not math.isfinite(value):
+            values = self.train_step(self._draw(step), step, optimisers)
+            log_.append(values)
+            window.append(values)
+            done = step + 1
+            if done % self.curve_every == 0 or done == self.n_steps_:
+                means = {
+                    k: float(torch.stack([w[k].detach().float() for w in window]).mean()) for k in values
+                }
+                window.clear()
+                if not math.isfinite(means["loss"]):
                     raise NumericalError(
-                        f"{self.plugin_name}: training loss became {value} at step {step}; lower lr or check features"
+                        f"{self.plugin_name}: training loss became {means['loss']} by step {done}; lower lr or check features"
                     )
-                bar.set_postfix_str(f"loss {value:.4f}")
+                curve.add(done, {**means, **self._health()})
+                bar.set_postfix_str(f"loss {means['loss']:.4f} rank {curve.last('effective_rank'):.1f}")
+            if done in keep:
+                self.snapshots_.append((done, self._capture()))
         bar.close()
-        return log
+        return log_, curve
 
     def transform(self, features: FeatureSet, ctx: StageContext) -> FeatureSet:
         if not hasattr(self, "loss_log_"):
@@ -350,8 +476,30 @@ class HeadLearner(FeatureLearner, abc.ABC):
         codes = encode_maps(features, self._encode, ctx.device)
         return features.with_code(codes, learner=self.plugin_name)
 
+    def transform_at(self, index: int, features: FeatureSet, ctx: StageContext) -> FeatureSet:
+        """Codes of the ``index``-th kept snapshot (step ``snapshots_[index][0]``); the learner is unchanged."""
+        current = self._capture()
+        self._restore(self.snapshots_[index][1])
+        try:
+            return self.transform(features, ctx)
+        finally:
+            self._restore(current)
+
     def artifacts(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"loss": self.loss_log_.as_dict()} if hasattr(self, "loss_log_") else {}
+        if not hasattr(self, "loss_log_"):
+            return {}
+        out: dict[str, Any] = {
+            "loss": self.loss_log_.as_dict(),
+            "curve": dict(self.curve_.points),
+            "calibrated": dict(self.resolved_),
+            "health": {
+                "input_effective_rank": self.input_rank_,
+                "initial_effective_rank": self.curve_.points["effective_rank"][0],
+                "final": {k: v[-1] for k, v in self.curve_.points.items() if k in health.HEALTH_KEYS},
+                "collapsed": bool(self.collapsed_),
+                "steps": int(self.n_steps_),
+            },
+        }
         if getattr(self, "omh_heads_", None) is not None:
             out["omh"] = self.omh_heads_.hierarchy()
         return out

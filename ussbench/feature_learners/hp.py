@@ -8,6 +8,10 @@ SupCon-style loss with weights P_ag + lambda(t) P_sp (lambda 0 until ``warmup``,
 anchors reweighted by their number of positives; the same loss on the 3x3 local-propagation branch
 z_mix = l2n(proj(LHP(s))), LHP = attention-weighted mean over each patch's 3x3 neighbours.
 Computed one view at a time as in the reference, with gradients accumulated chunk by chunk (exact).
+
+``pool_size="auto"`` (:func:`.calibration.hp_pool_size_for`) scales the reference pool (2048 patches against
+batches of 64 windows of 28x28) to the patches a batch holds, so that a random other-image patch passes an
+anchor's threshold about as often as in the reference; the presets keep the papers' pools.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from ..base import FeatureSet, StageContext
 from ..errors import ConfigError, DataError
 from ..registry import register
+from . import calibration
 from ._heads import ProjectionHead, channels_first, channels_last_flat, ema_update
 from ._training import HeadLearner, ViewBank
 from .omh import omh_variant
@@ -138,6 +143,7 @@ def hp_loss(
     zm_leaf = z_mix.detach().requires_grad_(True)
     group = max(1, max_elements // (view_size * n))
     total, total_mix = z.new_zeros(()), z.new_zeros(())
+    positives, same_view = z.new_zeros(()), z.new_zeros(())  # task-agnostic positives, those in the own view
     for g0 in range(0, n_views, group):
         g1 = min(n_views, g0 + group)
         rows = torch.arange(g0 * view_size, g1 * view_size, device=z.device).reshape(g1 - g0, view_size)
@@ -147,6 +153,11 @@ def hp_loss(
             # i~j when cos > min(thr_i, thr_j), i.e. above the threshold of i or of j; never i~i
             p_ag = (f[rows] @ f.t()) > torch.minimum(thr_ag[rows][..., None], thr_ag)
             p_ag.view(-1, n)[idx, flat] = False
+            positives += p_ag.sum()
+            own = p_ag.reshape(g1 - g0, view_size, n_views, view_size)[
+                torch.arange(g1 - g0), :, torch.arange(g0, g1)
+            ]
+            same_view += own.sum()
             weights = p_ag.float()
             if lam > 0:  # task-specific positives only count once the ramp has started
                 p_sp = (s_ema[rows] @ s_ema.t()) > torch.minimum(thr_sp[rows][..., None], thr_sp)
@@ -166,7 +177,15 @@ def hp_loss(
     value = total + total_mix
     surrogate = (z * z_leaf.grad).sum() + (z_mix * zm_leaf.grad).sum()
     loss = surrogate - surrogate.detach() + value
-    return loss, {"hp": 2 * total, "hp_lhp": 2 * total_mix, "lambda": z.new_tensor(lam)}
+    cross = (positives - same_view) / positives.clamp_min(
+        1
+    )  # share of positives from other views (0 if none)
+    return loss, {
+        "hp": 2 * total,
+        "hp_lhp": 2 * total_mix,
+        "lambda": z.new_tensor(lam),
+        "cross_view_share": cross,
+    }
 
 
 def ramp(step: int, warmup: int, n_steps: int) -> float:
@@ -201,7 +220,7 @@ class HP(HeadLearner):
         dim: int = 512,
         tau: float = 0.6,
         rho: float = 0.02,
-        pool_size: int = 2048,
+        pool_size: int | Literal["auto"] = "auto",
         renew_interval: int = 20,
         ema_momentum: float = 0.99,
         warmup: int = 25,
@@ -212,10 +231,12 @@ class HP(HeadLearner):
         weight_decay: float = 0.1,
         grad_clip: float = 10.0,
         batch_size: int = 8,
-        steps: int = 100,
+        steps: int = 300,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
         crop_size: int = 12,
+        curve_every: int = 25,
+        checkpoints: int = 4,
         seed: int = 0,
         omh: bool = False,
         omh_levels: int = 3,
@@ -226,15 +247,16 @@ class HP(HeadLearner):
         omh_match: bool = True,
         omh_sinkhorn_iters: int = 100,
         omh_lr: float = 5e-3,
+        omh_balance: Literal["paper", "mean"] = "mean",
     ):
         if tau <= 0:
             raise ConfigError(f"hp: tau must be > 0, got {tau}")
         if not 0.0 <= rho <= 1.0:
             raise ConfigError(f"hp: rho must lie in [0, 1], got {rho}")
-        if pool_size < 1 or renew_interval < 1:
-            raise ConfigError(
-                f"hp: pool_size and renew_interval must be >= 1, got {pool_size}, {renew_interval}"
-            )
+        if not calibration.is_auto(pool_size) and (not isinstance(pool_size, int) or pool_size < 1):
+            raise ConfigError(f"hp: pool_size must be an integer >= 1 or 'auto', got {pool_size!r}")
+        if renew_interval < 1:
+            raise ConfigError(f"hp: renew_interval must be >= 1, got {renew_interval}")
         if not 0.0 <= ema_momentum <= 1.0:
             raise ConfigError(f"hp: ema_momentum must lie in [0, 1], got {ema_momentum}")
         if warmup < 0:
@@ -275,7 +297,7 @@ class HP(HeadLearner):
 
     @torch.no_grad()
     def _renew_pool_sp(self) -> None:
-        feats = self._patch_tokens(*self._sample_patches(self.pool_size))
+        feats = self._patch_tokens(*self._sample_patches(self.pool_size_))
         self.ema_head_.eval()
         code = self.ema_head_(feats[:, :, None, None])[:, :, 0, 0]
         self.ema_head_.train()
@@ -283,12 +305,17 @@ class HP(HeadLearner):
 
     def _setup(self, bank: ViewBank, features: FeatureSet, ctx: StageContext, n_classes: int, n_steps: int):
         device = bank.device
+        self.pool_size_ = (
+            calibration.hp_pool_size_for(self.sampler_.batch_size, bank.crop)
+            if calibration.is_auto(self.pool_size)
+            else int(self.pool_size)
+        )
         self.head_ = ProjectionHead(bank.channels, self.dim, "relu", self.dropout).to(device).train()
         self.ema_head_ = copy.deepcopy(self.head_).requires_grad_(False)
         self.proj_ = nn.Linear(self.dim, self.dim).to(device)
         bank.extras["local"] = self._local_maps(bank, features, ctx)
         with torch.no_grad():
-            self.pool_ag_ = F.normalize(self._patch_tokens(*self._sample_patches(self.pool_size)), dim=1)
+            self.pool_ag_ = F.normalize(self._patch_tokens(*self._sample_patches(self.pool_size_)), dim=1)
         self._renew_pool_sp()
         return [
             torch.optim.AdamW(self.head_.parameters(), lr=self.lr, weight_decay=self.weight_decay),
@@ -296,13 +323,16 @@ class HP(HeadLearner):
         ]
 
     # -- one step -------------------------------------------------------------------------------------
-    def _loss(self, step: int):
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature windows (B, C, c, c) and their 3x3 local-attention weights; renews the task-specific pool."""
         if step > 0 and step % self.renew_interval == 0:
             self._renew_pool_sp()
-        bank, gen = self.bank_, self.generator_
-        windows = bank.windows(self.sampler_.next(), gen)
-        feats = channels_first(bank.gather("tokens", *windows))
-        local = bank.gather("local", *windows)
+        bank = self.bank_
+        windows = bank.windows(self.sampler_.next(), self.generator_)
+        return channels_first(bank.gather("tokens", *windows)), bank.gather("local", *windows)
+
+    def _loss_on(self, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+        feats, local = batch
         drop = self.head_.drop
         code = self.head_(feats)
         with torch.no_grad():
@@ -312,10 +342,14 @@ class HP(HeadLearner):
         z_mix = F.normalize(self.proj_(channels_last_flat(drop(lhp(code, local)))), dim=1)
         lam = ramp(step, self.warmup, self.n_steps_)
         loss, parts = hp_loss(
-            z, z_mix, f, s_ema, self.pool_ag_, self.pool_sp_, lam, self.tau, self.rho, bank.crop**2,
-            self.reweight, max_elements=(1 << 26) if bank.device.type == "cuda" else (1 << 22),
+            z, z_mix, f, s_ema, self.pool_ag_, self.pool_sp_, lam, self.tau, self.rho,
+            feats.shape[-2] * feats.shape[-1], self.reweight,
+            max_elements=(1 << 26) if feats.device.type == "cuda" else (1 << 22),
         )  # fmt: skip
         return loss, code, parts
+
+    def _calibrate(self) -> dict:
+        return {"pool_size": self.pool_size_}
 
     def _before_step(self) -> None:
         nn.utils.clip_grad_norm_(self.head_.parameters(), self.grad_clip)

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..ot import sinkhorn_log
 from ._heads import CosinePrototypes, channels_last_flat
 
+BALANCES = ("paper", "mean")
 MAX_CHUNK_ELEMENTS = 1 << 24  # bound on the (pixels x K_i x K_{i+1}) product built for the max-pooling
 
 
@@ -41,9 +42,12 @@ def check_omh_params(
     omh_sparsity: float = 0.01,
     omh_structure: float = 0.3,
     omh_sinkhorn_iters: int = 100,
+    omh_balance: str = "mean",
     **unchecked: Any,
 ) -> None:
     """One ConfigError naming the first OMH parameter out of range (omh, omh_match: any; omh_lr: checked with lr)."""
+    if omh_balance not in BALANCES:
+        raise ConfigError(f"omh_balance must be one of {BALANCES}, got {omh_balance!r}")
     if not isinstance(omh_levels, int) or omh_levels < 1:
         raise ConfigError(f"omh_levels must be an integer >= 1, got {omh_levels!r}")
     if omh_expansion < 1.0:
@@ -112,10 +116,12 @@ class OMHHeads(nn.Module):
         epsilon: float = 0.02,
         sinkhorn_iters: int = 100,
         init: Literal["randn", "xavier"] = "randn",
+        balance: Literal["paper", "mean"] = "paper",
     ):
         super().__init__()
         check_omh_params(omh_levels=levels, omh_expansion=expansion, omh_epsilon=epsilon,
-                         omh_sinkhorn_iters=sinkhorn_iters)  # fmt: skip
+                         omh_sinkhorn_iters=sinkhorn_iters, omh_balance=balance)  # fmt: skip
+        self.balance = balance
         self.sizes = level_sizes(n_classes, levels, expansion)
         self.epsilon = epsilon
         self.sinkhorn_iters = sinkhorn_iters
@@ -129,27 +135,41 @@ class OMHHeads(nn.Module):
         ]
 
     def losses(self, code: torch.Tensor, with_match: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum_i L_cluster^(i), sum_i L_match^(i,i+1)) for a code map (B, D, h, w) or rows (P, D)."""
+        """(L_cluster, L_match) for a code map (B, D, h, w) or rows (P, D).
+
+        balance 'paper': sum over levels of L_cluster^(i) and over level pairs of L_match^(i,i+1) (each summed
+        over clusters, Eq. 12); 'mean': mean over levels, and L_match^(i,i+1) divided by its K_i clusters
+        before the mean over pairs (a per-cluster, per-level scale that does not grow with K or N).
+        """
         x = channels_last_flat(code) if code.ndim == 4 else code
         x = x.float()
         assign = [soft_assign(x, head.weight) for head in self.heads]
-        cluster = torch.stack([cluster_loss(m) for m in assign]).sum()
+        cluster = torch.stack([cluster_loss(m) for m in assign])
+        cluster = cluster.mean() if self.balance == "mean" else cluster.sum()
         match = x.new_zeros(())
         if with_match and len(self.heads) > 1:
-            match = torch.stack(
+            terms = torch.stack(
                 [matching_loss(a, assign[i], assign[i + 1]) for i, (a, _) in enumerate(self.plans())]
-            ).sum()
+            )
+            if self.balance == "mean":
+                terms = terms / torch.tensor(self.sizes[:-1], dtype=terms.dtype, device=terms.device)
+                match = terms.mean()
+            else:
+                match = terms.sum()
         return cluster, match
 
     @torch.no_grad()
     def hierarchy(self) -> dict[str, Any]:
-        """The learned hierarchy for plots (Fig. 3): level sizes, plans A and centre affinities Z (numpy)."""
+        """The learned hierarchy for plots (Fig. 3): level sizes, plans A and centre affinities Z.
+
+        Plain CPU tensors (no numpy), so a saved artifacts file loads with ``torch.load(weights_only=True)``.
+        """
         pairs = self.plans()
         return {
             "sizes": list(self.sizes),
-            "plans": [a.float().cpu().numpy() for a, _ in pairs],
-            "affinities": [z.float().cpu().numpy() for _, z in pairs],
-            "centres": [h.normalised().float().cpu().numpy() for h in self.heads],
+            "plans": [a.float().cpu() for a, _ in pairs],
+            "affinities": [z.float().cpu() for _, z in pairs],
+            "centres": [h.normalised().float().cpu() for h in self.heads],
         }
 
 

@@ -6,6 +6,11 @@ feature correlation "pointwise"-centred (each point's row mean removed, global m
 lambda_self * mean L_self + lambda_knn * mean L_knn + lambda_rand * mean over ``neg_samples`` derangements
 of L_rand. kNN positives: one of the ``num_neighbors`` nearest views (pooled features). The reference's
 cluster and linear probes are not part of the learner (the dataset-level clusterer replaces them).
+
+A shift left at ``"auto"`` is calibrated before training (:mod:`.calibration`): the (1 - pull) quantile of
+that pair type's centred feature correlations on batches drawn as the loss draws them, with
+``pull_self`` / ``pull_knn`` / ``pull_rand`` the fractions of self / kNN / random pairs pulled together.
+The presets carry the papers' numbers and use them exactly.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import torch.nn.functional as F
 from ..base import FeatureSet, StageContext
 from ..errors import ConfigError
 from ..registry import register
+from . import calibration
 from ._heads import ProjectionHead, channels_first, correlation, feature_correlation
 from ._training import HeadLearner, ViewBank, derangement, knn_table
 from .omh import omh_variant
+
+PAIR_TYPES = ("self", "knn", "rand")
+# The calibration rule, fixed on MSRC-v2 (DINOv2 ViT-S/14) and held for every other backbone and dataset.
+DEFAULT_PULL = {"self": 0.8, "knn": 0.8, "rand": 0.03}
 
 
 def sample_points(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -44,6 +54,23 @@ def stego_term(
     if zero_clamp or stabilize:
         cd = cd.clamp(min=0.0 if zero_clamp else None, max=0.8 if stabilize else None)
     return -cd * (fd - shift)
+
+
+@torch.no_grad()
+def stego_pair_correlations(
+    feats: torch.Tensor, feats_pos: torch.Tensor, samples: int, pointwise: bool, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The centred feature correlations the loss's self, kNN and random terms see on one batch (no dropout)."""
+    b, device = feats.shape[0], feats.device
+    shape = (b, samples, samples, 2)
+    coords1 = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    coords2 = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    f, fp = sample_points(feats, coords1), sample_points(feats_pos, coords2)
+    out = {"self": feature_correlation(f, f, pointwise), "knn": feature_correlation(f, fp, pointwise)}
+    if b > 1:
+        fn = sample_points(feats[derangement(b, device, generator)], coords2)
+        out["rand"] = feature_correlation(f, fn, pointwise)
+    return out
 
 
 def stego_loss(
@@ -109,9 +136,12 @@ class STEGO(HeadLearner):
         weight_self: float = 0.67,
         weight_knn: float = 0.25,
         weight_rand: float = 0.63,
-        shift_self: float = 0.18,
-        shift_knn: float = 0.12,
-        shift_rand: float = 0.46,
+        shift_self: float | Literal["auto"] = "auto",
+        shift_knn: float | Literal["auto"] = "auto",
+        shift_rand: float | Literal["auto"] = "auto",
+        pull_self: float = DEFAULT_PULL["self"],
+        pull_knn: float = DEFAULT_PULL["knn"],
+        pull_rand: float = DEFAULT_PULL["rand"],
         feature_samples: int = 11,
         neg_samples: int = 5,
         num_neighbors: int = 7,
@@ -121,10 +151,12 @@ class STEGO(HeadLearner):
         dropout: float = 0.1,
         lr: float = 5e-4,
         batch_size: int = 8,
-        steps: int = 150,
+        steps: int = 300,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
         crop_size: int = 16,
+        curve_every: int = 25,
+        checkpoints: int = 4,
         seed: int = 0,
         omh: bool = False,
         omh_levels: int = 3,
@@ -135,7 +167,9 @@ class STEGO(HeadLearner):
         omh_match: bool = True,
         omh_sinkhorn_iters: int = 100,
         omh_lr: float = 5e-3,
+        omh_balance: Literal["paper", "mean"] = "mean",
     ):
+        calibration.check_shifts("stego", locals(), PAIR_TYPES)
         if feature_samples < 1:
             raise ConfigError(f"stego: feature_samples must be >= 1, got {feature_samples}")
         if neg_samples < 0:
@@ -151,19 +185,48 @@ class STEGO(HeadLearner):
         self.knn_ = knn_table(bank.pooled(), bank.device)
         return [torch.optim.Adam(self.head_.parameters(), lr=self.lr)]
 
-    def _loss(self, step: int):
-        bank, gen = self.bank_, self.generator_
-        views = self.sampler_.next()
+    def _batch(self, views: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature windows (B, C, c, c) of the views and of one of each view's num_neighbors kNN positives."""
+        bank = self.bank_
         n_nb = min(self.num_neighbors, self.knn_.shape[1])
         pos = self.knn_[views, torch.randint(n_nb, (len(views),), generator=gen)]
         feats = channels_first(bank.gather("tokens", *bank.windows(views, gen)))
         feats_pos = channels_first(bank.gather("tokens", *bank.windows(pos, gen)))
+        return feats, feats_pos
+
+    def _calibrate(self) -> dict:
+        """Shifts as given, or calibrated where 'auto' (with the measured correlation quantiles)."""
+        given = {pair: getattr(self, f"shift_{pair}") for pair in PAIR_TYPES}
+        resolved: dict = {f"shift_{p}": float(v) for p, v in given.items() if not calibration.is_auto(v)}
+        if len(resolved) == len(PAIR_TYPES):
+            return resolved
+        batch = self.sampler_.batch_size
+
+        def draw(g: torch.Generator) -> dict[str, torch.Tensor]:
+            views = torch.randperm(self.bank_.n_views, generator=g)[:batch]
+            return stego_pair_correlations(*self._batch(views, g), self.feature_samples, self.pointwise, g)
+
+        values = calibration.collect(draw, self.seed)
+        for pair in PAIR_TYPES:
+            if calibration.is_auto(given[pair]) and pair in values:
+                resolved[f"shift_{pair}"] = calibration.quantile_shift(
+                    values[pair], getattr(self, f"pull_{pair}")
+                )
+                resolved[f"correlation_{pair}"] = calibration.summary(values[pair])
+            resolved.setdefault(f"shift_{pair}", 0.0)  # no random pairs (batch of 1): the term is unused
+        return resolved
+
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(self.sampler_.next(), self.generator_)
+
+    def _loss_on(self, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+        feats, feats_pos = batch
         code, code_pos = self.head_(feats), self.head_(feats_pos)
         drop = self.head_.drop  # the reference correlates dropped-out features too
         loss, parts = stego_loss(
             drop(feats), drop(feats_pos), code, code_pos,
             (self.weight_self, self.weight_knn, self.weight_rand),
-            (self.shift_self, self.shift_knn, self.shift_rand),
+            tuple(self.resolved_[f"shift_{pair}"] for pair in PAIR_TYPES),
             self.feature_samples, self.neg_samples, self.pointwise, self.zero_clamp, self.stabilize,
         )  # fmt: skip
         return loss, code, parts

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .. import registry
 from ..base import Dataset, FeatureSet, Segmentation
 from ..evaluation.metrics import ConfusionMatrix, evaluate_counts
+from ..evaluation.per_image import cell_arrays
 from ..evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
 
 Prediction = tuple[int, np.ndarray, "torch.Tensor | None"]  # image index, (H, W) labels, (K, H, W) scores
@@ -165,9 +166,9 @@ def evaluate_predictions(setup: EvaluationSetup, pixels: Iterable[Prediction]) -
     panels: dict[str, np.ndarray] = {}
 
     def finish(i: int, pred: np.ndarray, before_crf: np.ndarray | None = None) -> None:
-        conf.update(pred, labels[i])
+        conf.update(pred, labels[i], i)  # i: the image's index, for the per-image counts (statistics)
         if conf_no_crf is not None and before_crf is not None:
-            conf_no_crf.update(before_crf, labels[i])
+            conf_no_crf.update(before_crf, labels[i], i)
         if i in panel_ids:
             panels[str(i)] = pred.astype(np.int16)
 
@@ -194,6 +195,7 @@ def evaluate_predictions(setup: EvaluationSetup, pixels: Iterable[Prediction]) -
         "mapping": scores.mapping.tolist(),
         "confusion": conf.counts.tolist(),
         **({"confusion_no_crf": conf_no_crf.counts.tolist()} if conf_no_crf is not None else {}),
+        "per_image": cell_arrays(conf, conf_no_crf, setup.dataset.ids()),  # arrays for the cell's .npz
         "panels": panels,
     }
     return {"row": row, "extras": extras, "panel_ids": sorted(panel_ids)}

@@ -127,6 +127,7 @@ class Planner:
         # which image clusterers of every kind share, so they are computed whenever a learner runs)
         need_flip = spec.flip_tta and (bilinear or not learner_entry.skipped)
         flipped = self.features_node(graph, cell, flip=True) if need_flip else None
+        labels = graph.add(Node(stable_hash({"labels": features.key}), LabelsStage(ds_entry, self.light)))
         upstream, learned = features.key, None
         if not learner_entry.skipped:
             learner = build_plugin(
@@ -135,7 +136,7 @@ class Planner:
             key = stable_hash({"up": features.key, "learner": self.plugin_key(learner),
                                **({"flip_tta_up": flipped.key} if flipped is not None else {})})  # fmt: skip
             stage = LearnedStage(ds_entry, bb_entry, learner_entry, cell.seed, need_flip, self.heavy)
-            learned = graph.add(Node(key, stage, {"features": features,
+            learned = graph.add(Node(key, stage, {"features": features, "labels": labels,  # labels: curve scores
                                                   **({"flipped": flipped} if flipped is not None else {})}))  # fmt: skip
             upstream = key
         ic = build_plugin(ic_entry, {"seed": cell.seed, "device": dev})
@@ -150,7 +151,6 @@ class Planner:
                             "seed": cell.seed, "k_total": k_total})  # fmt: skip
         assignment = graph.add(Node(akey, AssignmentStage(dc_entry, k_total, cell.seed, self.light, cell),
                                     {"segments": segments}))  # fmt: skip
-        labels = graph.add(Node(stable_hash({"labels": features.key}), LabelsStage(ds_entry, self.light)))
         covering = graph.add(Node(stable_hash({"covering": skey, "labels": labels.key}),
                                   CoveringStage(ds_entry, self.light), {"segments": segments, "labels": labels}))  # fmt: skip
         eval_inputs = {"features": features, "segments": segments, "assignment": assignment, "labels": labels}
@@ -166,6 +166,13 @@ class Planner:
             sink_inputs["learned"] = learned
         if flipped is not None:
             sink_inputs["flipped"] = flipped
+        from ..evaluation.probe import probe_node  # the representation's linear probe (issue 12), one per key
+
+        probe = probe_node(
+            graph, rt.protocol, ds_entry, features, learned, labels, learner_entry.label, self.light
+        )
+        if probe is not None:
+            sink_inputs["probe"] = probe
         return Node(cid, CellStage(cell), sink_inputs, cell=cell)
 
 

@@ -70,6 +70,7 @@ class CellStore:
         extras = dict(extras)
         panels = {f"pred_{k}": v for k, v in extras.pop("panels", {}).items()}
         panels.update({f"level_{k}": v for k, v in extras.pop("level_panels", {}).items()})
+        panels.update(extras.pop("per_image", {}))  # per-image confusion counts (evaluation/per_image.py)
         artifacts = extras.pop("artifacts", {})
         if panels:
             atomic_write(self.cells / f"{cell_id}.npz", lambda tmp: _save_npz(tmp, panels))

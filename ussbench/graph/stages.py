@@ -16,6 +16,7 @@ import torch
 from ..base import FeatureSet, Segmentation, StageContext
 from ..config import StageEntry
 from ..errors import ConfigError
+from ..feature_learners import records as learner_records
 from ..image_clusterers._common import pick_feature
 from ..limits import fit_clusters_to_vectors
 from .cells import Cell, build_params_for_record, build_plugin
@@ -90,6 +91,9 @@ class LearnedStage(Stage):
             "codes": [im.code for im in learner.transform(features, ctx)],
             "artifacts": learner.artifacts(),
         }
+        learner_records.add_to_learned(
+            stored, self.learner, learner, features, inputs["labels"], ctx, rt.protocol
+        )
         if self.flip:
             fctx = StageContext(
                 rt.device, self.seed, rt.dataset(self.dataset, flip=True), backbone, n, rt.progress
@@ -282,6 +286,7 @@ class CellStage(Stage):
         row["time_eval_s"] = seconds["evaluation"]
         row.update(inputs["covering"])
         row["time_nfcov_s"] = seconds["covering"]
+        row.update(inputs.get("probe") or {})  # linear probe of the representation (evaluation/probe.py)
         row.update(n_clusters=assignment["n_pred"], n_segments=assignment["n_segments"],
                    n_images=len(segments["segments"]))  # fmt: skip
         row.update(row_machine_facts())
@@ -290,6 +295,7 @@ class CellStage(Stage):
         artifacts = {}
         if "learned" in inputs.values:
             artifacts["feature_learner"] = inputs["learned"]["artifacts"]
+            row.update(learner_records.learner_row(coded(inputs["features"], inputs["learned"], ""), artifacts["feature_learner"]))  # fmt: skip
         artifacts["image_clusterer"] = segments["artifacts"]
         artifacts["dataset_clusterer"] = assignment["artifacts"]
         ic = build_plugin(cell.entry("image_clusterer"), {"seed": cell.seed, "device": str(rt.device)})
@@ -301,7 +307,8 @@ class CellStage(Stage):
             "params": {"dataset": build_params_for_record(cell.entry("dataset"), raw),
                        "backbone": build_params_for_record(cell.entry("backbone"), backbone),
                        "image_clusterer": build_params_for_record(cell.entry("image_clusterer"), ic),
-                       "dataset_clusterer": assignment["params"]},
+                       "dataset_clusterer": assignment["params"],
+                       **learner_records.record_params(inputs.values.get("learned"))},
             "backbone_report_name": backbone.report_name or backbone.plugin_name,
             "dataset_description": dataset.description,
         }  # fmt: skip

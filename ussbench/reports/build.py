@@ -1,11 +1,10 @@
-"""Build ``reports/<grid>/``: results CSV/Parquet, leaderboard Markdown/HTML, figures and panels."""
+"""Build ``reports/<grid>/``: results CSV/Parquet, leaderboard Markdown/HTML/CSV, statistics, figures, panels."""
 
 from __future__ import annotations
 
 import functools
-import html
-import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,23 @@ import pandas as pd
 from .. import registry
 from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
-from . import figures
+from ..evaluation.statistics import DEFAULT_RESAMPLES, DEFAULT_SEED
+from ..provenance import read_run
+from . import figures, header, learning_curves, page
+from .comparisons import (
+    BoardStatistics,
+    board_statistics,
+    decided_summary,
+    pairwise_matrix,
+    row_cells,
+    row_label,
+)
 from .failed import failures_html, failures_markdown
+from .index import build_index
 from .panels import draw_panels
-from .tables import STAGE_COLUMNS, leaderboard_display, leaderboard_frame, markdown_table, results_frame
+from .paper import paper_columns
+from .records import load_report_cells, sync_per_image_counts
+from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame
 
 log = logging.getLogger(__name__)
 PLUGIN_KINDS = {"dataset": "dataset", "backbone": "backbone", "feature_learner": "feature_learner",
@@ -31,35 +43,37 @@ def build_report(
     stage_order: list[str] | None = None,
     n_panel_configs: int = 3,
     cell_ids: set[str] | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    stats_seed: int = DEFAULT_SEED,
 ) -> dict[str, Path]:
     """(Re)build every report file from the finished cells in ``output/cells``.
 
     ``cell_ids``: report only these cells (the current grid's), so cells left by an earlier version of the
-    grid file in the same folder never leak into the leaderboard; None reports every cell found.
+    grid file in the same folder never leak into the leaderboard; None reports every cell found. Without
+    ``cells/`` (a committed folder in a fresh clone) the report is rebuilt from ``results.parquet`` and
+    ``per_image_counts.npz``, which are then left as they are. Every statistic is recomputed each time.
     """
-    from ..runner import load_cells
-
     output = Path(output)
-    cells = load_cells(output)
-    if cell_ids is not None:
-        stale = [c for c in cells if c["row"]["cell_id"] not in cell_ids]
-        if stale:
-            log.warning(
-                "report: %d cell(s) in %s are not in the current grid; left out", len(stale), output / "cells"
-            )
-        cells = [c for c in cells if c["row"]["cell_id"] in cell_ids]
+    cells, from_cells = load_report_cells(output, cell_ids)
     if not cells:
         raise ValueError(f"no finished cells in {output / 'cells'}; nothing to report")
     results = results_frame(cells)
     board = leaderboard_frame(results)
     written: dict[str, Path] = {}
-    written["csv"] = atomic_write(output / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
-    written["parquet"] = atomic_write(
-        output / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False)
+    if from_cells:
+        written["csv"] = atomic_write(output / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
+        written["parquet"] = atomic_write(
+            output / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False)
+        )
+    run = read_run(output)
+    counts = sync_per_image_counts(output, cells)
+    stats = board_statistics(
+        board, cells, counts, (run.get("grid") or {}).get("baseline"), n_resamples, stats_seed
     )
     written["heatmap"] = figures.heatmap(board, output / "heatmap_miou.png")
-    written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png")
+    written["runtime"] = figures.miou_vs_runtime(board, output / "miou_vs_runtime.png", stats.table)
     written["learners"] = figures.learner_bars(results, output / "miou_by_learner.png")
+    written["significance"] = _significance(board, stats, output / "significance.png")
     for key, draw in (("panels", lambda: _panels(output, cells, board, n_panel_configs)),
                       ("level_panels", lambda: _level_panels(output, cells, board)),
                       ("omh_hierarchy", lambda: _omh_hierarchy(output, cells, board))):  # fmt: skip
@@ -68,16 +82,90 @@ def build_report(
         except Exception as exc:  # panels need the data; a report without them is still a report
             log.warning("qualitative %s skipped: %s", key.replace("_", " "), exc)
             written[key] = None
-    run = json.loads((output / "run.json").read_text()) if (output / "run.json").is_file() else {}
-    refs = _published(cells)
-    per_class = _per_class(cells, board)
-    md = _markdown(grid_name, run, cells, board, refs, per_class, written)
-    md += failures_markdown(output, cell_ids)  # cells that raised (issue 11): listed, not silently missing
+    written["leaderboard_csv"] = atomic_write(
+        output / "leaderboard.csv", lambda tmp: _leaderboard_csv(board, stats).to_csv(tmp, index=False)
+    )
+    index_root = _is_reports_root(output.parent)
+    written["index"] = output.parent / "index.html" if index_root else None  # the page links to it
+    report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
+                    _per_class(cells, board), written)  # fmt: skip
+    md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
+    md += learning_curves.section(output, cells)  # feature learners' curves and code health (issue 13)
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
-    page = _html(grid_name, run, cells, board, refs, per_class, written)
-    page = page.replace("</body></html>", failures_html(output, cell_ids) + "</body></html>")
-    written["html"] = atomic_write_text(output / "leaderboard.html", page)
+    html = page.render(report, FIGURES).replace(
+        "</body></html>", failures_html(output, cell_ids) + "</body></html>"
+    )
+    written["html"] = atomic_write_text(output / "leaderboard.html", html)
+    if index_root:
+        build_index(output.parent)
     return {k: v for k, v in written.items() if v is not None}
+
+
+# Figures in the order the report shows them: (key in ``written``, title). A figure added elsewhere appends here.
+FIGURES = [
+    ("significance", "Pairwise significance of the top rows (paired Δ mIoU, row minus column)"),
+    ("heatmap", "mIoU heatmap (image-level x dataset-level)"),
+    ("runtime", "mIoU vs runtime"),
+    ("learners", "mIoU by feature learner"),
+    ("panels", "Qualitative panels (image, ground truth, best configurations)"),
+    ("level_panels", "Hierarchy levels of the best configuration with levels (segments, arbitrary colours)"),
+    (
+        "omh_hierarchy",
+        "OMH hierarchy of the best OMH configuration (paper Figure 3: centre affinity vs OT plan)",
+    ),
+]
+
+
+@dataclass
+class Report:
+    """Everything the Markdown and HTML renderers show."""
+
+    grid_name: str
+    run: dict[str, Any]
+    cells: list[dict[str, Any]]
+    board: pd.DataFrame
+    stats: BoardStatistics
+    paper: pd.DataFrame
+    refs: pd.DataFrame
+    per_class: pd.DataFrame
+    written: dict[str, Path | None]
+    flags: pd.Series = field(init=False)
+    origin_lines: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.flags, self.origin_lines = header.origin_flags(self.board, self.cells)
+
+    def display(self) -> pd.DataFrame:
+        return leaderboard_display(self.board, self.stats.table if self.stats.available else None, self.paper,
+                                   self.flags, self.stats.n_resamples)  # fmt: skip
+
+    def header_lines(self) -> list[str]:
+        return _header(self.grid_name, self.run, self.cells, self.board, self.stats, self.origin_lines)
+
+
+def _leaderboard_csv(board: pd.DataFrame, stats: BoardStatistics) -> pd.DataFrame:
+    """The leaderboard with its statistics as numbers (one row per configuration), for citing and plotting."""
+    keep = [c for c in board.columns if not c.startswith("time_") and c not in ("peak_gpu_mb", "peak_rss_mb")]
+    frame = board[keep].copy()
+    for col in stats.table.columns:
+        frame[col] = (
+            pd.to_numeric(stats.table[col], errors="coerce") if col != "is_baseline" else stats.table[col]
+        )
+    frame["n_resamples"] = stats.n_resamples if stats.available else np.nan
+    return frame
+
+
+def _is_reports_root(folder: Path) -> bool:
+    """Keep ``index.html`` only in a folder of reports (``reports/`` or one that already has an index)."""
+    return folder.name == "reports" or (folder / "index.html").is_file()
+
+
+def _significance(board: pd.DataFrame, stats: BoardStatistics, path: Path) -> Path | None:
+    panels = []
+    for group in stats.groups:
+        order, delta, pvals, decided = pairwise_matrix(stats, group)
+        panels.append((group.dataset, [row_label(board.loc[i]) for i in order], delta, pvals, decided))
+    return figures.significance_matrix(panels, path, stats.level)
 
 
 def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:
@@ -110,10 +198,7 @@ def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame
     return pd.DataFrame({"class": frame.columns, "IoU (%)": frame.mean().round(2).values})
 
 
-def _row_cells(cells: list[dict[str, Any]], cfg: pd.Series) -> list[dict[str, Any]]:
-    """The cells (one per seed) of one leaderboard row, sorted by seed."""
-    return sorted((c for c in cells if all(c["row"][k] == cfg[k] for k in STAGE_COLUMNS)),
-                  key=lambda c: c["row"]["seed"])  # fmt: skip
+_row_cells = row_cells  # the cells (one per seed) of one leaderboard row, sorted by seed
 
 
 def _first_seed_arrays(output: Path, cells: list[dict[str, Any]], cfg: pd.Series) -> tuple[list[dict], Any]:
@@ -213,22 +298,27 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
     return None
 
 
-def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]], board: pd.DataFrame,
+            stats: BoardStatistics, origin_lines: list[str]) -> list[str]:  # fmt: skip
     env = run.get("environment", {})
-    first = cells[0]
-    machine = env.get("gpu") or f"{env.get('processor', '?')} ({env.get('cpu_count', '?')} cores)"
     versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()))
     backbones = sorted({c.get("backbone_report_name", c["row"]["backbone"]) for c in cells})
     datasets = sorted({c.get("dataset_description") or c["row"]["dataset"] for c in cells})
-    protocol = first.get("identity", {}).get("protocol", {})
-    return [
-        f"Grid **{grid_name}** (`{run.get('grid_file', '?')}`), started {run.get('started', '?')}.",
+    protocol = cells[0].get("identity", {}).get("protocol", {})
+    lines = [
+        f"Grid **{grid_name}** (`{run.get('grid_file', '?')}`), latest run started {run.get('started', '?')}.",
+        header.history_line(run),
         f"Data: {'; '.join(datasets)}. Backbone(s): {', '.join(backbones)}.",
+        header.images_line(cells),
         f"Protocol{_protocol_steps(protocol, cells)}; one cluster-to-class match over all valid pixels of the split "
         f"(matching `{protocol.get('matching')}`, objective `{protocol.get('objective')}`); "
-        "mIoU over classes with a defined IoU; mean ± std over seeds.",
-        f"Machine: {machine}, device `{env.get('device', '?')}`. Versions: {versions}.",
+        "mIoU over classes with a defined IoU.",
+        *header.statistics_lines(stats),
+        header.probe_line(board, cells),
+        *origin_lines,
+        f"Library versions (latest run): {versions}." if versions else None,
     ]
+    return [line for line in lines if line]
 
 
 def _protocol_steps(protocol: dict[str, Any], cells: list[dict[str, Any]]) -> str:
@@ -257,45 +347,37 @@ def _protocol_steps(protocol: dict[str, Any], cells: list[dict[str, Any]]) -> st
     return (f" `{spec.name}`" if spec.name != "default" else "") + ": " + ", ".join(steps)
 
 
-def _markdown(grid_name, run, cells, board, refs, per_class, written) -> str:
-    lines = [f"# Leaderboard: {grid_name}", "", *[f"- {line}" for line in _header(grid_name, run, cells)], ""]
-    lines += ["## Leaderboard", "", markdown_table(leaderboard_display(board)), ""]
+def _markdown(report: Report) -> str:
+    r = report
+    lines = [f"# Leaderboard: {r.grid_name}", "", *[f"- {line}" for line in r.header_lines()], ""]
+    lines += ["## Leaderboard", "", markdown_table(r.display()), ""]
     lines += [
         "Times are seconds per cell (mean over seeds); a stage shared by several cells is timed at its first computation.",
         "",
     ]
-    if refs is not None and not refs.empty:
+    if r.stats.available:
+        lines += [
+            "## Which differences are decided",
+            "",
+            *[f"- {line}" for line in decided_summary(r.board, r.stats)],
+            "",
+        ]
+    if r.refs is not None and not r.refs.empty:
         lines += ["## Published numbers for the plugins in this grid (from the registry cards)", "",
-                  "These come from other datasets/backbones/protocols; compare only where the setting matches.", "",
-                  markdown_table(refs.fillna("")), ""]  # fmt: skip
-    lines += ["## Per-class IoU of the best configuration (rank 1)", "", markdown_table(per_class), ""]
-    figs = [("heatmap", "mIoU heatmap (image-level x dataset-level)"), ("runtime", "mIoU vs runtime"),
-            ("learners", "mIoU by feature learner"), ("panels", "Qualitative panels (image, ground truth, best configurations)"),
-            ("level_panels", "Hierarchy levels of the best configuration with levels (segments, arbitrary colours)"),
-            ("omh_hierarchy", "OMH hierarchy of the best OMH configuration (paper Figure 3: centre affinity vs OT plan)")]  # fmt: skip
+                  "These come from other datasets/backbones/protocols; compare only where the setting matches "
+                  "(rows on a matching dataset show theirs in the leaderboard's paper column).", "",
+                  markdown_table(r.refs.fillna("")), ""]  # fmt: skip
+    best = r.board.iloc[0]
+    lines += [f"## Per-class IoU of the best configuration ({row_label(best)} on {best['dataset']})", "",
+              markdown_table(r.per_class), ""]  # fmt: skip
     lines += ["## Figures", ""]
-    for key, title in figs:
-        if written.get(key):
-            lines += [f"### {title}", "", f"![{title}]({Path(written[key]).name})", ""]
+    for key, title in FIGURES:
+        if r.written.get(key):
+            lines += [f"### {title}", "", f"![{title}]({Path(r.written[key]).name})", ""]
     lines += [
-        "All cells x seeds with every parameter, timing and peak memory: `results.csv` / `results.parquet`.",
+        "All cells x seeds with every parameter, timing and peak memory: `results.csv` / `results.parquet`; "
+        "per-image confusion counts of every cell: `per_image_counts.npz`; run history: `run.json`. "
+        "`python -m ussbench compare` prints the paired comparison of any two rows.",
         "",
     ]
     return "\n".join(lines)
-
-
-def _html(grid_name, run, cells, board, refs, per_class, written) -> str:
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}img{max-width:100%}")  # fmt: skip
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(grid_name)}</title><style>{style}</style></head><body>",
-             f"<h1>Leaderboard: {html.escape(grid_name)}</h1><ul>"]  # fmt: skip
-    parts += [f"<li>{html.escape(line).replace('**', '')}</li>" for line in _header(grid_name, run, cells)]
-    parts += ["</ul><h2>Leaderboard</h2>", leaderboard_display(board).to_html(index=False)]
-    if refs is not None and not refs.empty:
-        parts += ["<h2>Published numbers (registry cards)</h2>", refs.fillna("").to_html(index=False)]
-    parts += ["<h2>Per-class IoU of the best configuration</h2>", per_class.to_html(index=False)]
-    for key in ("heatmap", "runtime", "learners", "panels", "level_panels", "omh_hierarchy"):
-        if written.get(key):
-            parts.append(f"<h2>{key}</h2><img src='{Path(written[key]).name}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)

@@ -1,0 +1,21 @@
+#!/bin/bash
+# The OMH grid on a shared 2-core CPU, in phases of falling priority (see benchmarks/omh_grid.yaml). Start it
+# twice (e.g. `/work/bin/cpujob reports/omh/run_cpu_phases.sh` in two shells): the workers share the cells through
+# the output folder's locks. Then: `.venv/bin/python -m ussbench report reports/omh --name omh`.
+set -u
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD"
+R=".venv/bin/python -m ussbench run --grid benchmarks/omh_grid.yaml --no-progress --no-report"
+ABL='{feature_learner: "STEGO+OMH paper scale"}, {feature_learner: "STEGO+OMH L_cluster only"},
+ {feature_learner: "STEGO+OMH levels=1"}, {feature_learner: "STEGO+OMH levels=2"}, {feature_learner: "STEGO+OMH levels=4"},
+ {feature_learner: "STEGO+OMH expansion=1"}, {feature_learner: "STEGO+OMH expansion=1.5"},
+ {feature_learner: "STEGO+OMH expansion=3"}, {feature_learner: "STEGO+OMH temp=0.05"}, {feature_learner: "STEGO+OMH temp=0.10"}'
+PAPER='{feature_learner: "STEGO paper"}, {feature_learner: "HP paper"}, {feature_learner: "SmooSeg paper"}'
+MAIN='{feature_learner: STEGO}, {feature_learner: STEGO+OMH}, {feature_learner: HP}, {feature_learner: HP+OMH},
+ {feature_learner: SmooSeg}, {feature_learner: SmooSeg+OMH}'
+echo "start $(date -u +%T)"
+$R --seeds 0 --set "exclude=[$ABL, $PAPER]" && echo "1. main rows seed 0 done $(date -u +%T)"
+$R --seeds 1 2 --set "exclude=[$ABL, $PAPER]" && echo "2. main rows seeds 1 2 done $(date -u +%T)"
+$R --seeds 0 --set "exclude=[$ABL, $MAIN]" && echo "3. paper rows seed 0 done $(date -u +%T)"
+$R --seeds 0 --set "exclude=[$PAPER, $MAIN, {dataset: camvid}]" && echo "4. ablations seed 0 done $(date -u +%T)"
+$R --seeds 1 2 --set "exclude=[$ABL, $MAIN]" && echo "5. paper rows seeds 1 2 done $(date -u +%T)"

@@ -1,0 +1,347 @@
+"""Reports with statistics: intervals, Δ vs baseline, rank ranges, the committed per-image store, rebuilding a
+committed folder without its cells, old cells without counts, provenance flags, ``compare``, the index page."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests._report_fakes import ENV, leaderboard_rows, read_json, write_fake_cells
+from ussbench.cli import main
+from ussbench.evaluation.per_image import STORE_NAME, read_store
+from ussbench.reports.build import build_report
+
+ROWS = {"raw tokens": 0.35, "good": 0.8, "good twin": 0.8, "bad": 0.2}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One report shared by the tests that only read it (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("shared") / "reports" / "toy"
+    write_fake_cells(out, ROWS)
+    build_report(out, "toy", n_resamples=300)
+    return out
+
+
+def _cells(md: str, label: str) -> list[str]:
+    line = next(line for line in leaderboard_rows(md) if f"| {label} |" in line)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _column(md: str, name: str) -> int:
+    return [c.strip() for c in leaderboard_rows(md)[0].strip("|").split("|")].index(name)
+
+
+def test_report_shows_intervals_baseline_delta_and_rank_ranges(report):
+    md = (report / "leaderboard.md").read_text()
+    assert (
+        "Statistics: bootstrap over images (300 replicates" in md
+        and "recomputes the cluster-to-class match" in md
+    )
+    ci, delta, p, rank = (_column(md, n) for n in ("mIoU 95% CI", "Δ mIoU vs baseline", "p", "rank"))
+    good, twin, bad, raw = (_cells(md, k) for k in ("good", "good twin", "bad", "raw tokens"))
+    assert raw[delta] == "baseline"
+    assert good[delta].startswith("+") and float(good[delta].split()[0]) > 10
+    lo = float(good[delta].split("[")[1].split(",")[0])
+    assert lo > 0 and good[p].startswith("≤")  # better on every image: the smallest p the bootstrap resolves
+    assert bad[delta].startswith("-")
+    lo_ci, hi_ci = (float(x) for x in good[ci].strip("[]").split(","))
+    mean = float(good[_column(md, "mIoU (%)")].split("±")[0])
+    assert lo_ci < mean < hi_ci
+    # the twins cannot be told apart; both are above the rest
+    assert good[rank] == "1–2" and twin[rank] == "1–2" and raw[rank] == "3" and bad[rank] == "4"
+    assert "## Which differences are decided" in md and "not decided" in md
+    assert "p ≤ " in md and "p = ≤" not in md  # the decided section's p-values read as text
+    assert (report / "significance.png").is_file()
+    table = pd.read_csv(report / "leaderboard.csv")
+    good_row = table[table.image_clusterer == "good"].iloc[0]
+    assert good_row.miou_lo < good_row.miou_mean < good_row.miou_hi and good_row.delta_lo > 0
+    assert table.is_baseline.sum() == 1 and table.rank_lo.min() == 1
+
+
+def test_committed_folder_rebuilds_the_same_statistics_without_cells(report, tmp_path):
+    report = shutil.copytree(report, tmp_path / "toy")
+    before = (report / "leaderboard.md").read_text()
+    store = read_store(report / STORE_NAME)
+    assert len(store) == len(ROWS) * 3
+    shutil.rmtree(report / "cells")  # what a fresh clone sees: cells/ is not committed
+    build_report(report, "toy", n_resamples=300)
+    after = (report / "leaderboard.md").read_text()
+    strip = [_column(before, c) for c in ("mIoU 95% CI", "Δ mIoU vs baseline", "p", "rank", "acc. 95% CI")]
+    for line_a, line_b in zip(leaderboard_rows(before)[1:], leaderboard_rows(after)[1:]):
+        a, b = line_a.strip("|").split("|"), line_b.strip("|").split("|")
+        assert [a[i] for i in strip] == [b[i] for i in strip]
+    assert main(["report", str(report)]) == 0  # the command the lead runs on a committed folder
+    md = (report / "leaderboard.md").read_text()
+    assert "Statistics: bootstrap over images (1000 replicates" in md and "Intervals: unavailable" not in md
+
+
+def test_cells_without_per_image_counts_still_report_with_intervals_unavailable(tmp_path):
+    out = tmp_path / "old"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8}, per_image=False)
+    build_report(out, "old", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert "Intervals: unavailable" in md and "mIoU 95% CI" not in md
+    assert not (out / STORE_NAME).exists()
+    assert main(["compare", str(out), "1", "2"]) == 2
+
+
+def test_per_image_store_stays_small_and_exact(report):
+    store = read_store(report / STORE_NAME)
+    cid = next(iter(store))
+    fresh = np.load(report / "cells" / f"{cid}.npz")
+    assert np.array_equal(store[cid].counts.per_image, fresh["counts_per_image"])
+    assert (report / STORE_NAME).stat().st_size < 60_000  # 12 cells x 40 images x <= 16 entries
+
+
+def test_baseline_named_by_the_grid(tmp_path):
+    out = tmp_path / "named"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8, "bad": 0.2})
+    (out / "run.json").write_text('{"grid": {"baseline": {"image_clusterer": "bad"}}}')
+    build_report(out, "named", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert _cells(md, "bad")[_column(md, "Δ mIoU vs baseline")] == "baseline"
+    assert "image_clusterer `bad`" in md
+
+
+def test_no_baseline_row_is_said_not_hidden(tmp_path):
+    out = tmp_path / "nobase"
+    write_fake_cells(out, {"good": 0.8, "bad": 0.2})
+    build_report(out, "nobase", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert "no baseline row" in md and "Δ mIoU vs baseline" not in md and "mIoU 95% CI" in md
+
+
+def test_rows_from_another_machine_or_code_version_are_flagged(tmp_path):
+    out = tmp_path / "mixed"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8, "bad": 0.2})
+    other = {**ENV, "git_commit": "b" * 40, "machine": {**ENV["machine"], "cpu_model": "Other CPU"}}
+    write_fake_cells(out, {"odd": 0.5}, env=other)
+    build_report(out, "mixed", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    assert "Cells come from 2 code versions" in md and "Cells come from 2 machines" in md
+    assert _cells(md, "odd")[0].endswith("†") and not _cells(md, "good")[0].endswith("†")
+    assert "Code: " not in md.split("Cells come from")[0].splitlines()[-1]
+
+
+def test_images_line_states_the_images_really_scored(report):
+    md = (report / "leaderboard.md").read_text()
+    assert "**40 images scored**" in md
+
+
+def test_compare_two_rows_of_one_report(report, capsys):
+    assert main(["compare", str(report), "good twin", "raw tokens", "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "Δ mIoU (A − B) = +" in out and ": decided" in out and "40 images" in out
+    assert main(["compare", str(report), "good", "twin + k-means", "--resamples", "200"]) == 0
+    assert "not decided" in capsys.readouterr().out
+
+
+def test_compare_refuses_ambiguous_rows_and_other_data(report, tmp_path, capsys):
+    assert main(["compare", str(report), "good", "9"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ussbench: error:") and "does not exist" in err and len(err.strip().splitlines()) == 1
+    )
+    assert main(["compare", str(report), "o", "bad"]) == 2  # 'o' matches several rows
+    assert "matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(report), "1", "2", "--resamples", "0"])
+    assert exit_.value.code == 2 and "positive number of bootstrap replicates" in capsys.readouterr().err
+    same = tmp_path / "same_data"
+    write_fake_cells(same, {"raw tokens": 0.3, "other": 0.6})
+    assert main(["compare", str(report), str(same), "--row-b", "other", "--resamples", "100"]) == 0
+    other = tmp_path / "other_data"
+    write_fake_cells(other, {"raw tokens": 0.3}, image_seed=5)  # same ids, other labels
+    assert main(["compare", str(report), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "different labelled pixels" in err and len(err.strip().splitlines()) == 1
+    renamed = tmp_path / "renamed"
+    write_fake_cells(renamed, {"raw tokens": 0.3}, image_prefix="photo")
+    assert main(["compare", str(report), str(renamed)]) == 2
+    assert "different images" in capsys.readouterr().err
+
+
+def test_index_lists_every_report(report):
+    second = report.parent / "second"
+    write_fake_cells(second, {"raw tokens": 0.3, "good": 0.7}, seeds=(0,))
+    build_report(second, "second", n_resamples=50)
+    index = (report.parent / "index.html").read_text()
+    assert "toy/leaderboard.html" in index and "second/leaderboard.html" in index
+    assert "good" in index
+    assert "href='../index.html'" in (second / "leaderboard.html").read_text()
+
+
+def test_paper_number_beside_a_row_on_the_same_dataset(tmp_path, monkeypatch):
+    from ussbench.reports import paper
+
+    def fake_published(kind, name, root=None):
+        if (kind, name) == ("image_clusterer", "good"):
+            return [{"dataset": "toyset", "metric": "mIoU", "value": 40.0, "source": "Toy paper", "backbone": "B"},
+                    {"dataset": "voc2012", "metric": "miou", "value": 99.0, "source": "elsewhere"}]  # fmt: skip
+        return []
+
+    monkeypatch.setattr(paper, "published_numbers", fake_published)
+    out = tmp_path / "paper"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8})
+    build_report(out, "paper", n_resamples=50)
+    md = (out / "leaderboard.md").read_text()
+    col = _column(md, "paper mIoU (ratio)")
+    good = _cells(md, "good")
+    mean = float(good[_column(md, "mIoU (%)")].split("±")[0])
+    assert good[col] == f"40.0 ({mean / 40.0:.2f}x)"
+    assert _cells(md, "raw tokens")[col] == ""
+
+
+def test_run_history_is_appended(tmp_path, toy_root):
+    from tests.conftest import tiny_grid
+    from ussbench.config import limit_images, load_grid
+    from ussbench.runner import run_grid
+
+    grid = load_grid(
+        tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    )
+    run_grid(limit_images(grid, 4), progress=False)
+    grid = load_grid(
+        tiny_grid(tmp_path, toy_root, seeds=[0, 1], image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    )
+    run_grid(grid, progress=False)
+    run = read_json(grid.output / "run.json")
+    assert len(run["history"]) == 2
+    first, second = run["history"]
+    assert first["dataset_limit"] == "4" and second["dataset_limit"] is None
+    assert first["n_run"] == 1 and second["n_run"] == 2 and second["ended"]
+    assert second["environment"]["machine"]["cpu_model"] and "threads" in second["environment"]["machine"]
+    assert run["started"] == second["started"]  # top level: the latest run
+    results = pd.read_csv(grid.output / "results.csv")
+    assert len(results) == 2  # the limited cell is another cell and stays out of this grid's report
+    md = (grid.output / "leaderboard.md").read_text()
+    assert "**6 images scored**" in md and "2 run(s) into this folder" in md
+
+
+def test_grid_baseline_key_is_validated(tmp_path, toy_root):
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.errors import ConfigError
+
+    ok = load_grid(
+        tiny_grid(tmp_path, toy_root, baseline={"image_clusterer": "km3", "dataset_clusterer": "kmeans"})
+    )
+    assert ok.raw["baseline"] == {"image_clusterer": "km3", "dataset_clusterer": "kmeans"}
+    for bad, message in (({"image_clusterer": "dsm"}, "names no entry of image_clusterers"),
+                         ({"image_clustrer": "none"}, "unknown stage"), ("none", "expected a mapping")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_grid(tiny_grid(tmp_path, toy_root, baseline=bad))
+
+
+def test_command_line_options_are_recorded():
+    from ussbench.provenance import command_info
+
+    info = command_info(["/x/ussbench/__main__.py", "run", "--grid", "g.yaml", "--limit", "8", "--set", "seeds=[0]",
+                         "--set=image_clusterers.acg.epochs=5"])  # fmt: skip
+    assert info["command"].startswith("python -m ussbench run --grid g.yaml")
+    assert info["limit"] == "8" and info["set"] == ["seeds=[0]", "image_clusterers.acg.epochs=5"]
+
+
+def test_per_image_store_round_trips_crf_counts(tmp_path):
+    from tests._report_fakes import fake_cell
+    from ussbench.evaluation.per_image import StoredCell, write_store
+    from ussbench.evaluation.statistics import CellCounts
+
+    after, before = fake_cell(0.7, 30, 0), fake_cell(0.5, 30, 1)
+    cell = StoredCell(CellCounts(after.per_image_counts(), 30, 4, 4), CellCounts(before.per_image_counts(), 30, 4, 4),
+                      [f"im{i}" for i in range(30)])  # fmt: skip
+    write_store(tmp_path / "s.npz", {"abc": cell})
+    back = read_store(tmp_path / "s.npz")["abc"]
+    assert np.array_equal(back.counts.per_image, after.per_image_counts())
+    assert np.array_equal(back.counts_no_crf.per_image, before.per_image_counts())
+    assert back.image_ids == cell.image_ids and back.fingerprint == cell.fingerprint
+
+
+def test_protocol_crf_rows_get_an_interval_without_crf_too(tmp_path):
+    out = tmp_path / "crf"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8}, crf=True)
+    build_report(out, "crf", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    no_crf = _cells(md, "good")[_column(md, "no CRF 95% CI")]
+    lo, hi = (float(x) for x in no_crf.strip("[]").split(","))
+    mean = float(_cells(md, "good")[_column(md, "mIoU no CRF (%)")].split("±")[0])
+    assert lo < mean < hi
+
+
+def test_two_datasets_are_ranked_and_compared_separately(tmp_path):
+    out = tmp_path / "two"
+    write_fake_cells(out, {"raw tokens": 0.4, "good": 0.8}, dataset="alpha", image_prefix="a")
+    write_fake_cells(out, {"raw tokens": 0.6, "good": 0.3}, dataset="beta", image_prefix="b", n_images=30)
+    build_report(out, "two", n_resamples=100)
+    md = (out / "leaderboard.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in leaderboard_rows(md)[1:]]
+    head = [c.strip() for c in leaderboard_rows(md)[0].strip("|").split("|")]
+    ds, ic, rank, delta = (
+        head.index(c) for c in ("dataset", "image_clusterer", "rank", "Δ mIoU vs baseline")
+    )
+    by = {(r[ds], r[ic]): r for r in rows}
+    assert by[("alpha", "good")][rank] == "1" and by[("beta", "raw tokens")][rank] == "1"
+    assert (
+        by[("alpha", "raw tokens")][delta] == "baseline" and by[("beta", "raw tokens")][delta] == "baseline"
+    )
+    assert by[("beta", "good")][delta].startswith("-")
+    assert "**alpha** (40 images" in md and "**beta** (30 images" in md
+
+
+def test_one_image_gets_no_interval_and_few_images_are_said_to_be_rough(tmp_path):
+    one, few = tmp_path / "one", tmp_path / "few"
+    write_fake_cells(one, {"raw tokens": 0.4, "good": 0.8}, n_images=1)
+    write_fake_cells(few, {"raw tokens": 0.4, "good": 0.8}, n_images=8)
+    build_report(one, "one", n_resamples=50)
+    build_report(few, "few", n_resamples=50)
+    assert "too few to resample" in (one / "leaderboard.md").read_text()
+    assert "mIoU 95% CI" not in (one / "leaderboard.md").read_text()
+    assert "intervals are rough" in (few / "leaderboard.md").read_text()
+
+
+def test_default_baseline_prefers_a_label_match_over_a_plugin_name_match(tmp_path, toy_root):
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.runner import run_grid
+
+    # km-sklearn is a kmeans plugin too; the row labelled 'kmeans' is the baseline
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"]))
+    run_grid(grid, progress=False)
+    md = (grid.output / "leaderboard.md").read_text()
+    assert _cells(md, "kmeans")[_column(md, "Δ mIoU vs baseline")] == "baseline"
+    assert "2 rows match the baseline rule; used: none + kmeans" in md
+
+
+def test_a_grid_run_stores_per_image_counts_pickle_free(tmp_path, toy_root):
+    """Through the stage graph: each cell's .npz holds its per-image counts (summing to the record's confusion)
+    and the image ids; the report's per_image_counts.npz holds every cell; both load with allow_pickle=False."""
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.evaluation.per_image import CELL_IDS_KEY, CELL_KEY
+    from ussbench.evaluation.statistics import CellCounts
+    from ussbench.runner import run_grid
+
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    run_grid(grid, progress=False)
+    records = sorted((grid.output / "cells").glob("*.json"))
+    assert len(records) == 2
+    ids = None
+    for path in records:
+        record = read_json(path)
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
+            rows, ids = data[CELL_KEY], [str(x) for x in data[CELL_IDS_KEY]]
+        confusion = np.asarray(record["confusion"])
+        counts = CellCounts(rows, len(ids), *confusion.shape)
+        assert np.array_equal(counts.total(), confusion) and rows[:, 3].min() > 0
+        assert len(ids) == record["row"]["n_images"] == len(set(ids))
+    store = read_store(grid.output / STORE_NAME)
+    assert set(store) == {read_json(p)["row"]["cell_id"] for p in records}
+    assert all(cell.image_ids == ids for cell in store.values())
+    with np.load(grid.output / STORE_NAME, allow_pickle=False) as data:
+        assert all(data[name].dtype != object for name in data.files)
+    md = (grid.output / "leaderboard.md").read_text()
+    assert "Intervals: unavailable" not in md and "bootstrap over images" in md

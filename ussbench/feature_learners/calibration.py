@@ -1,0 +1,120 @@
+"""Label-free calibration of the learners' settings to the backbone and dataset at hand.
+
+The papers tuned their loss shifts for DINO v1 features. On DINOv2 the pointwise-centred feature
+correlations that the losses see are far higher (MSRC-v2, ViT-S/14: median about 0.65 for same-image
+pairs, 0.60 for kNN pairs, 0.39 for random pairs), so DINO v1 shifts pull almost every pair together and
+the codes collapse. Instead of hand-picking new numbers per backbone, a shift left at ``"auto"`` is set by
+one rule, fixed once (on MSRC-v2) and held for every other backbone and dataset:
+
+    shift = the (1 - pull) quantile of that pair type's centred feature correlations,
+
+measured on a seeded sample of training batches drawn exactly as the loss draws them (same windows, sample
+points, kNN positives and derangements; no dropout), before training. ``pull`` is the fraction of that pair
+type the loss pulls together (correlation above the shift); the rest it pushes apart. The rule never sees a
+label. Calibration draws its batches from its own generator, so training draws the same batches whether a
+shift was calibrated or given.
+
+Other settings that the papers tied to their step counts are rescaled by a stated rule (see
+:func:`ema_momentum_for` and :func:`hp_pool_size_for`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+AUTO = "auto"
+CALIBRATION_BATCHES = 8  # training batches measured per calibration
+MAX_VALUES = 1_000_000  # correlations kept per pair type for the quantile (seeded subsample)
+CALIBRATION_SEED_OFFSET = 7919  # calibration generator = seed + offset (training draws stay untouched)
+
+# SmooSeg reference: teacher EMA 0.998 over 3000 steps, i.e. a half-life of 346 steps = 11.5% of the run.
+SMOOSEG_REF_MOMENTUM, SMOOSEG_REF_STEPS = 0.998, 3000
+# HP reference (COCO json): a threshold pool of 2048 patches against batches of 64 windows of 28x28 patches.
+HP_REF_POOL, HP_REF_OTHER_PATCHES = 2048, 63 * 28 * 28
+
+
+def is_auto(value: object) -> bool:
+    return isinstance(value, str) and value == AUTO
+
+
+def check_fraction(name: str, value: float) -> None:
+    """A pull fraction must lie strictly between 0 and 1."""
+    from ..errors import ConfigError
+
+    if not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"{name} must lie in (0, 1), got {value!r}")
+
+
+def check_shift(name: str, value: object) -> None:
+    """A shift is a number or 'auto'."""
+    from ..errors import ConfigError
+
+    if not (is_auto(value) or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+        raise ConfigError(f"{name} must be a number or 'auto', got {value!r}")
+
+
+def check_shifts(who: str, params: dict, pair_types: tuple[str, ...]) -> None:
+    """Check ``shift_<pair>`` (a number or 'auto') and ``pull_<pair>`` (in (0, 1)) for every pair type."""
+    for pair in pair_types:
+        check_shift(f"{who}: shift_{pair}", params[f"shift_{pair}"])
+        check_fraction(f"{who}: pull_{pair}", params[f"pull_{pair}"])
+
+
+def quantile_shift(values: torch.Tensor, pull: float) -> float:
+    """The shift that puts a fraction ``pull`` of ``values`` above it: their (1 - pull) quantile."""
+    return float(torch.quantile(values.float().cpu(), 1.0 - float(pull)))
+
+
+def collect(
+    draw: Callable[[torch.Generator], dict[str, torch.Tensor]],
+    seed: int,
+    n_batches: int = CALIBRATION_BATCHES,
+) -> dict[str, torch.Tensor]:
+    """Run ``draw`` (one batch's correlations per pair type) n_batches times with a dedicated generator.
+
+    Returns the concatenated values per pair type (a seeded subsample of at most MAX_VALUES each).
+    """
+    g = torch.Generator().manual_seed(int(seed) + CALIBRATION_SEED_OFFSET)
+    parts: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for _ in range(n_batches):
+            for name, values in draw(g).items():
+                parts.setdefault(name, []).append(values.detach().flatten().float().cpu())
+    out = {}
+    for name, chunks in parts.items():
+        values = torch.cat(chunks)
+        if len(values) > MAX_VALUES:
+            values = values[torch.randperm(len(values), generator=g)[:MAX_VALUES]]
+        out[name] = values
+    return out
+
+
+def summary(values: torch.Tensor) -> dict[str, float]:
+    """Median and 10/90% quantiles of a pair type's correlations (recorded beside the chosen shift)."""
+    q = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {"q10": q[0], "median": q[1], "q90": q[2]}
+
+
+def ema_momentum_for(n_steps: int, ref_momentum: float, ref_steps: int) -> float:
+    """EMA momentum whose half-life is the same fraction of ``n_steps`` as ref_momentum's of ref_steps.
+
+    A teacher that averages the student with the reference's momentum over a run 15x shorter barely leaves
+    its initial value; this keeps how far it moves over the run.
+    """
+    half_life_fraction = math.log(0.5) / math.log(ref_momentum) / ref_steps
+    return float(0.5 ** (1.0 / max(1.0, half_life_fraction * n_steps)))
+
+
+def hp_pool_size_for(batch_size: int, crop: int) -> int:
+    """HP threshold-pool size that keeps the reference's expected number of chance cross-image positives.
+
+    A patch is a positive of an anchor when their similarity beats the anchor's maximum similarity over the
+    pool, so a random other-image patch passes with probability about 1/pool_size. The reference compares
+    each anchor with 63 x 784 other-image patches against a pool of 2048 (about 24 chance passes); with
+    (batch - 1) x crop^2 other-image patches per batch the pool scales down in proportion.
+    """
+    other = (int(batch_size) - 1) * int(crop) ** 2
+    return max(1, round(HP_REF_POOL * other / HP_REF_OTHER_PATCHES))

@@ -1,0 +1,119 @@
+"""What a report is built from: the finished cell records, or the committed results when the cells are gone.
+
+Per-cell records (``cells/``) are not committed, so a fresh clone rebuilds a committed report folder from
+``results.parquet`` (one row per cell x seed, with parameters, protocol, plugin names and environment) and
+recomputes every statistic from ``per_image_counts.npz``. Cells without per-image counts (older runs) still
+report, with their intervals shown as unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..evaluation.per_image import STORE_NAME, StoredCell, read_cell_npz, read_store, write_store
+
+log = logging.getLogger(__name__)
+DEFAULT_PROTOCOL = {"name": "default", "matching": "auto", "objective": "pixels", "panels": 4}
+
+
+def load_report_cells(output: Path, cell_ids: set[str] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """(cell records, whether they came from ``cells/``). Falls back to ``results.parquet`` without cells."""
+    from ..graph.records import load_cells
+
+    output = Path(output)
+    cells = load_cells(output)
+    if cells:
+        if cell_ids is not None:
+            stale = [c for c in cells if c["row"]["cell_id"] not in cell_ids]
+            if stale:
+                log.warning("report: %d cell(s) in %s are not in the current grid; left out", len(stale),
+                            output / "cells")  # fmt: skip
+            cells = [c for c in cells if c["row"]["cell_id"] in cell_ids]
+        return cells, True
+    results = output / "results.parquet"
+    if not results.is_file():
+        return [], False
+    run = json.loads((output / "run.json").read_text()) if (output / "run.json").is_file() else {}
+    return cells_from_results(pd.read_parquet(results), run), False
+
+
+def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cell-like records from a results table (what :func:`tables.results_frame` flattened)."""
+    grid_protocol = {**DEFAULT_PROTOCOL, **((run.get("grid") or {}).get("protocol") or {})}
+    cells = []
+    for rec in results.to_dict("records"):
+        rec = {k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))}
+        params = json.loads(rec.pop("params", "{}") or "{}")
+        per_class = json.loads(rec.pop("per_class_iou", "{}") or "{}")
+        protocol = json.loads(rec.pop("protocol", "null") or "null") or grid_protocol
+        names = json.loads(rec.pop("stage_names", "null") or "null") or {
+            kind: (params.get(kind) or {}).get("name", rec.get(kind)) for kind in
+            ("dataset", "backbone", "feature_learner", "image_clusterer", "dataset_clusterer", "postprocess")
+        }  # fmt: skip
+        env = json.loads(rec.pop("environment", "null") or "null") or {
+            **(run.get("environment") or {}),  # older tables: the run's machine facts (cores)
+            "versions": json.loads(rec.get("versions") or "{}"),
+            "processor": rec.get("machine", ""),
+        }
+        for key in ("versions", "machine"):
+            rec.pop(key, None)
+        cells.append(
+            {
+                "row": {**rec, "environment": env},
+                "params": params,
+                "per_class_iou": per_class,
+                "class_names": list(per_class),
+                "identity": {
+                    "protocol": protocol,
+                    "stages": [{"kind": k, "name": v} for k, v in names.items()],
+                },
+                "backbone_report_name": rec.get("backbone_name", rec.get("backbone")),
+                "dataset_description": rec.pop("dataset_description", "") or "",
+            }
+        )
+    return cells
+
+
+def collect_per_image_counts(
+    output: Path, cells: list[dict[str, Any]]
+) -> tuple[dict[str, StoredCell], dict[str, StoredCell]]:
+    """(per-image counts of the given cells, the committed store as read): each cell's counts come from its
+    ``cells/<id>.npz``, else from the store; cells with neither are absent."""
+    output = Path(output)
+    store_path = output / STORE_NAME
+    try:
+        stored = read_store(store_path)
+    except (ValueError, KeyError, OSError) as exc:
+        log.warning("%s unreadable (%s); per-image counts come from the cells only", store_path, exc)
+        stored = {}
+    found: dict[str, StoredCell] = {}
+    for cell in cells:
+        row = cell["row"]
+        cid = row["cell_id"]
+        n_classes = len(cell.get("class_names") or []) or len(cell["per_class_iou"])
+        fresh = read_cell_npz(
+            output / "cells" / f"{cid}.npz", int(row["n_clusters"]), n_classes, int(row["n_images"])
+        )
+        if fresh is not None:
+            found[cid] = fresh
+        elif cid in stored:
+            found[cid] = stored[cid]
+    return found, stored
+
+
+def sync_per_image_counts(output: Path, cells: list[dict[str, Any]]) -> dict[str, StoredCell]:
+    """Per-image counts of the reported cells; rewrites the committed store with exactly these cells (when it
+    differs) so the counts travel with the report."""
+    found, stored = collect_per_image_counts(output, cells)
+    changed = set(found) != set(stored) or any(
+        not np.array_equal(found[c].counts.per_image, stored[c].counts.per_image) for c in found
+    )
+    if found and changed:
+        write_store(Path(output) / STORE_NAME, found)
+    return found
