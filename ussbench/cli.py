@@ -66,6 +66,12 @@ def _add_run(sub) -> None:
                      help="validate, print the expanded cells and which are finished or cached, run nothing")  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-report", action="store_true", help="run cells only; build the report later")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: this process (default); ray: stages as Ray tasks (pip install 'ussbench[ray]')")  # fmt: skip
+    run.add_argument("--address", help="with --executor ray: an existing Ray cluster (auto or HOST:PORT); "
+                                       "default: a local Ray instance on this machine's cores and GPUs")  # fmt: skip
+    run.add_argument("--max-retries", type=int, default=2, metavar="N",
+                     help="with --executor ray: retries of a task whose worker died (default 2)")  # fmt: skip
 
 
 def _add_list(sub) -> None:
@@ -164,10 +170,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print("\n".join(describe(grid)))
         return 0
+    from .graph.ray_executor import make_executor
     from .runner import run_grid
 
+    executor = make_executor(args.executor, args.address, args.max_retries)
     log.info("grid %s from %s; data root %s", grid.name, grid.path, grid.data_root)
-    summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report)
+    summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report, executor=executor)
     print(f"grid {grid.name}: {summary.n_cells} cells ({summary.n_run} run, {summary.n_resumed} resumed) "
           f"in {summary.seconds:.1f} s -> {summary.output}/leaderboard.md")  # fmt: skip
     if summary.n_failed:  # failed cells were recorded and the grid went on; the exit code says so

@@ -7,6 +7,7 @@ plugin's parameters, defaults and presets from its signature without running it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -171,7 +172,8 @@ def import_plugin_module(ref: str, base_dir: Path | None = None) -> types.Module
             path = base_dir / path
         if not path.is_file():
             raise PluginError(f"plugin module file {str(path)!r} does not exist")
-        module_name = f"ussbench_user_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+        # the same name in every process (str hashes are salted per process): Ray workers unpickle its objects
+        module_name = f"ussbench_user_plugin_{path.stem}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
         if module_name in sys.modules:
             return sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, path)
