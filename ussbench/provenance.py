@@ -22,19 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_json
+from .cpuinfo import cpu_model
 
 RUN_FILE = "run.json"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def thread_counts() -> dict[str, Any]:

@@ -6,7 +6,6 @@ False, no antialias), once per grid size; this is the one interpolation ussbench
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..base import Backbone, Dataset, FeatureSet, ImageFeatures
 from ..errors import BackboneWeightsError
+from ..fingerprint import file_digest
 from ..reports.profile import vit_gflops
 from ..threads import decode_workers
 from .loader import Prepared, prepared_images, shape_batches
@@ -123,13 +123,7 @@ def normalise(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return ((t - mean) / std)[0]
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = file_digest  # sha256 of a file (the fingerprints' reader)
 
 
 def load_official_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -8,15 +8,9 @@ from typing import Any
 from .. import registry
 from ..cache import stable_hash
 from ..config import StageEntry
+from ..registry import KINDS
 
-STAGE_ORDER = (
-    "dataset",
-    "backbone",
-    "feature_learner",
-    "image_clusterer",
-    "dataset_clusterer",
-    "postprocess",
-)
+STAGE_ORDER = KINDS  # a cell has one choice per plugin kind, in the registry's order
 
 
 @dataclass(frozen=True)

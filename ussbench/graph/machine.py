@@ -6,7 +6,6 @@ Floating-point results can depend on the CPU's vector kernels and on how many th
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 from importlib import metadata
@@ -15,36 +14,16 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..cpuinfo import cpu_flag_set, cpu_model
 
 # ISA extensions that select different BLAS / oneDNN / faiss kernels (and so different rounding)
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's 'model name' from /proc/cpuinfo (platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@functools.lru_cache(maxsize=1)
 def cpu_isa() -> str:
     """The vector ISA extensions of the CPU that change numeric kernels, e.g. 'avx2 fma avx512f'."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return " ".join(f for f in _ISA_FLAGS if f in flags)
-    except OSError:
-        pass
-    return ""
+    flags = cpu_flag_set()
+    return " ".join(f for f in _ISA_FLAGS if f in flags)
 
 
 def _blas_threads_probe() -> tuple[int | None, str]:

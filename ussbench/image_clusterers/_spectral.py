@@ -57,11 +57,8 @@ def degrees(W: torch.Tensor) -> torch.Tensor:
     return torch.where(d < 1e-12, torch.ones_like(d), d)
 
 
-def eigh_smallest(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest k eigenpairs of (D - W) v = lam D v for a stack W (B, P, P): eigvals (B, k), vecs (B, P, k).
-
-    Dense ``torch.linalg.eigh`` of the symmetric normalised Laplacian, in W's dtype and on W's device.
-    """
+def normalised_laplacian(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """I - D^-1/2 W D^-1/2 of a stack W (B, P, P) and D^-1/2 (B, P); checks that k eigenvectors exist."""
     if W.ndim != 3 or W.shape[-1] != W.shape[-2]:
         raise ValueError(f"expected a (B, P, P) stack of affinities, got shape {tuple(W.shape)}")
     P = W.shape[-1]
@@ -70,6 +67,15 @@ def eigh_smallest(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     dm = degrees(W).rsqrt()
     L = -(dm.unsqueeze(-1) * W * dm.unsqueeze(-2))
     L.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return L, dm
+
+
+def eigh_smallest(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest k eigenpairs of (D - W) v = lam D v for a stack W (B, P, P): eigvals (B, k), vecs (B, P, k).
+
+    Dense ``torch.linalg.eigh`` of the symmetric normalised Laplacian, in W's dtype and on W's device.
+    """
+    L, dm = normalised_laplacian(W, k)
     L = 0.5 * (L + L.transpose(-2, -1))  # exact symmetry for the solver
     evals, U = torch.linalg.eigh(L)
     vecs = U[..., :k] * dm.unsqueeze(-1)
@@ -88,14 +94,7 @@ def lapack_smallest(W: torch.Tensor, k: int, threads: int = 1) -> tuple[torch.Te
     """
     import scipy.linalg
 
-    if W.ndim != 3 or W.shape[-1] != W.shape[-2]:
-        raise ValueError(f"expected a (B, P, P) stack of affinities, got shape {tuple(W.shape)}")
-    P = W.shape[-1]
-    if not 1 <= k <= P:
-        raise ValueError(f"cannot take {k} eigenvectors of a {P}-node graph")
-    dm = degrees(W).rsqrt()
-    L = -(dm.unsqueeze(-1) * W * dm.unsqueeze(-2))
-    L.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    L, dm = normalised_laplacian(W, k)
     mats = L.cpu().numpy()
 
     def solve(b: int) -> tuple[np.ndarray, np.ndarray]:

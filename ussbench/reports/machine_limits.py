@@ -9,39 +9,20 @@ Best of a few repeats, since a shared machine only slows a measurement down.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from ..cpuinfo import cpu_flag_set, cpu_model
 from ..threads import available_cpus
-
-
-def cpu_model() -> str:
-    """The CPU's 'model name' from /proc/cpuinfo, else what platform reports."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")) -> list[str]:
     """Which of the vector ISA extensions that matter for matmul speed this CPU has."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in have]
-    except OSError:
-        pass
-    return []
+    have = cpu_flag_set()
+    return [flag for flag in wanted if flag in have]
 
 
 def load_average() -> tuple[float, float, float]:

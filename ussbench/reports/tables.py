@@ -7,14 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-STAGE_COLUMNS = [
-    "dataset",
-    "backbone",
-    "feature_learner",
-    "image_clusterer",
-    "dataset_clusterer",
-    "postprocess",
-]
+from ..registry import KINDS
+
+STAGE_COLUMNS = list(KINDS)  # one column per stage, in the registry's order
 PROBE_COLUMNS = [
     "probe_miou",
     "probe_acc",
