@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import platform
 import subprocess
 import sys
 import tarfile
@@ -27,16 +26,10 @@ BASELINE_REV = "b010118"  # main before issue 14 (the implementation the issue m
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, torch threads, native bf16, library versions."""
+    from ussbench.cpuinfo import cpu_model
     from ussbench.dataset_clusterers._common import cpu_has_native_bf16
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import os
 
     try:

@@ -11,7 +11,6 @@ fraction of images whose k-means segmentation (same seed) is identical up to a p
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ussbench.base import StageContext
+from ussbench.cpuinfo import cpu_model
 from ussbench.image_clusterers import _spectral as sp
 from ussbench.image_clusterers.dsm import DeepSpectral
 
@@ -27,14 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return f"CPU {cpu} ({torch.get_num_threads()} torch threads), GPU {gpu}, torch {torch.__version__}"
 
