@@ -279,3 +279,35 @@ def test_comparison_with_raw_tokens_and_omh_on_known_scores():
     omh = table.loc[("STEGO+OMH", "STEGO")]  # +1 against a spread of sqrt(1 + 9)
     assert omh["diff"] == "+1.00" and omh["spread"] == "3.16" and omh["beyond 2 spreads"] == "no"
     assert ("none", "raw tokens") not in table.index and len(table) == 3
+
+
+def test_comparison_is_decided_by_the_reports_paired_interval_where_there_is_one():
+    """The seed-only spread screen says 'no' for STEGO+OMH vs STEGO; the paired image bootstrap decides it."""
+    from ussbench.evaluation.statistics import PairedDelta
+    from ussbench.reports.learning_curves import comparison_table
+
+    def cell(label: str, plugin: str, seed: int, miou: float) -> dict:
+        return {"row": {"dataset": "msrc", "feature_learner": label, "seed": seed, "miou": miou},
+                "identity": {"stages": [{"kind": "feature_learner", "name": plugin}]}}  # fmt: skip
+
+    cells = [cell("none", "none", s, m) for s, m in enumerate([10.0, 11.0, 12.0])]
+    cells += [cell("STEGO", "stego", s, m) for s, m in enumerate([20.0, 21.0, 22.0])]
+    cells += [cell("STEGO+OMH", "stego_omh", s, m) for s, m in enumerate([19.0, 22.0, 25.0])]
+    asked = []
+
+    def paired(dataset: str, a: str, b: str):
+        asked.append((dataset, a, b))
+        if b == "none":  # the raw-token row has no per-image counts in this made-up report
+            return None
+        return PairedDelta(delta=1.0, low=0.2, high=1.9, p_value=0.01)
+
+    table = comparison_table(cells, paired).set_index(["row", "against"])
+    assert set(asked) == {
+        ("msrc", "STEGO", "none"),
+        ("msrc", "STEGO+OMH", "none"),
+        ("msrc", "STEGO+OMH", "STEGO"),
+    }
+    omh = table.loc[("STEGO+OMH", "STEGO")]
+    assert omh["beyond 2 spreads"] == "no" and omh["decided"] == "yes"
+    assert omh["paired Δ 95% CI"] == "+1.00 [+0.20, +1.90]"
+    assert table.loc[("STEGO", "raw tokens")]["decided"] == "no per-image counts"

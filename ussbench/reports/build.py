@@ -90,7 +90,7 @@ def build_report(
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
                     _per_class(cells, board), written)  # fmt: skip
     md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
-    md += learning_curves.section(output, cells)  # feature learners' curves and code health (issue 13)
+    md += learning_curves.section(output, cells, _paired_lookup(board, stats))  # learners' curves (issue 13)
     md += profile.profile_footer(output, cells)  # per-stage seconds vs the machine's limits (perf)
     written["markdown"] = atomic_write_text(output / "leaderboard.md", md)
     html = page.render(report, FIGURES).replace(
@@ -167,6 +167,29 @@ def _significance(board: pd.DataFrame, stats: BoardStatistics, path: Path) -> Pa
         order, delta, pvals, decided = pairwise_matrix(stats, group)
         panels.append((group.dataset, [row_label(board.loc[i]) for i in order], delta, pvals, decided))
     return figures.significance_matrix(panels, path, stats.level)
+
+
+def _paired_lookup(board: pd.DataFrame, stats: BoardStatistics) -> Any:
+    """(dataset, learner label A, learner label B) -> paired Δ of A - B from the report's bootstrap, or None.
+
+    Only where each label names exactly one leaderboard row of that dataset and both rows have per-image counts.
+    """
+    if not stats.available:
+        return None
+    rows: dict[tuple[str, str], list[int]] = {}
+    for i, cfg in board.iterrows():
+        rows.setdefault((str(cfg["dataset"]), str(cfg["feature_learner"])), []).append(i)
+
+    def lookup(dataset: str, label_a: str, label_b: str) -> Any:
+        a, b = rows.get((dataset, label_a), []), rows.get((dataset, label_b), [])
+        if len(a) != 1 or len(b) != 1:
+            return None
+        for group in stats.groups:
+            if a[0] in group.boots and b[0] in group.boots:
+                return group.delta(a[0], b[0])
+        return None
+
+    return lookup
 
 
 def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,10 @@ def health_table(rows_by_learner: dict[str, dict[tuple[str, ...], list[dict[str,
     return pd.DataFrame(lines)
 
 
+# (dataset, feature-learner label of row A, that of row B) -> A - B as a paired delta, or None
+PairedLookup = Callable[[str, str, str], Any]
+
+
 def _seed_stats(cells: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, float, int]]:
     """(dataset, feature-learner label) -> (mean mIoU, seed std (0 for one seed), seeds); other stages pooled."""
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -181,19 +186,21 @@ def _seed_stats(cells: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[floa
     }
 
 
-def comparison_table(cells: list[dict[str, Any]]) -> pd.DataFrame:
+def comparison_table(cells: list[dict[str, Any]], paired: PairedLookup | None = None) -> pd.DataFrame:
     """Every learner row against its dataset's raw-token row, and every 'X+OMH' row against its row 'X'.
 
     diff: difference of the seed means; spread: sqrt(s1^2 + s2^2) of the two rows' seed standard deviations (the
     std of the difference of two independent runs); 'beyond 2 spreads': diff > 2 * spread (or < -2 * spread), only
     with at least 2 seeds on both sides. Cells of other image / dataset clusterers are pooled per label (the OMH
-    grid has one of each).
+    grid has one of each). With ``paired`` (the report's image bootstrap, when the cells stored per-image counts)
+    each line also gets the paired Δ interval, and 'decided' follows it, the report's one rule for a difference.
     """
     stats = _seed_stats(cells)
     raw_labels = {
         (str(c["row"]["dataset"]), str(c["row"]["feature_learner"])) for c in cells if learner_name(c) is None
     }
     raw = {ds: stats[(ds, label)] for ds, label in raw_labels}
+    raw_label_of = dict(raw_labels)
     lines = []
     for (ds, label), (mean, std, n) in sorted(stats.items()):
         if (ds, label) in raw_labels:
@@ -205,13 +212,19 @@ def comparison_table(cells: list[dict[str, Any]]) -> pd.DataFrame:
         for against, (b_mean, b_std, b_n) in pairs:
             diff, spread = mean - b_mean, float(np.hypot(std, b_std))
             verdict = "one seed" if min(n, b_n) < 2 else ("yes" if abs(diff) > 2 * spread else "no")
-            lines.append({"dataset": ds, "row": label, "against": against, "mIoU": f"{mean:.2f} ± {std:.2f} ({n})",
-                          "baseline mIoU": f"{b_mean:.2f} ± {b_std:.2f} ({b_n})", "diff": f"{diff:+.2f}",
-                          "spread": f"{spread:.2f}", "beyond 2 spreads": verdict})  # fmt: skip
+            line = {"dataset": ds, "row": label, "against": against, "mIoU": f"{mean:.2f} ± {std:.2f} ({n})",
+                    "baseline mIoU": f"{b_mean:.2f} ± {b_std:.2f} ({b_n})", "diff": f"{diff:+.2f}",
+                    "spread": f"{spread:.2f}", "beyond 2 spreads": verdict}  # fmt: skip
+            other = raw_label_of[ds] if against == "raw tokens" else against
+            d = paired(ds, label, other) if paired is not None else None
+            if paired is not None:
+                line["paired Δ 95% CI"] = "" if d is None else f"{d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
+                line["decided"] = "no per-image counts" if d is None else ("yes" if d.decided else "no")
+            lines.append(line)
     return pd.DataFrame(lines)
 
 
-def section(output: Path, cells: list[dict[str, Any]]) -> str:
+def section(output: Path, cells: list[dict[str, Any]], paired: PairedLookup | None = None) -> str:
     """The report's learning-curve section (Markdown) and its figures; empty when the grid has no learner."""
     rows_by_learner = collect(Path(output), cells)
     if not rows_by_learner:
@@ -233,11 +246,13 @@ def section(output: Path, cells: list[dict[str, Any]]) -> str:
                               for _, r in collapsed.iterrows()), ""]  # fmt: skip
     else:
         lines += ["No learner row collapsed.", ""]
-    comparison = comparison_table(cells)
+    comparison = comparison_table(cells, paired)
     if len(comparison):
         lines += ["### Learners against raw tokens, and OMH's effect", "",
                   "mIoU as mean ± seed std (seeds); diff = difference of the means; spread = sqrt(s1² + s2²) of the two "
-                  "rows' seed stds; 'beyond 2 spreads' says whether |diff| exceeds twice that.", "",
+                  "rows' seed stds; 'beyond 2 spreads' says whether |diff| exceeds twice that (a seed-only screen). "
+                  "Where the cells stored per-image counts, 'paired Δ 95% CI' is the report's paired image bootstrap "
+                  "and 'decided' follows it: that is the rule the leaderboard uses.", "",
                   markdown_table(comparison), ""]  # fmt: skip
     for name, rows in sorted(rows_by_learner.items()):
         path = draw(name, rows, baselines, Path(output) / f"learning_curves_{name}.png")
