@@ -263,8 +263,8 @@ def test_report_section_names_collapsed_rows(tmp_path):
     assert "STEGO paper on msrc (2/3 seeds)" in collapsed_line and "STEGO on" not in collapsed_line
 
 
-def test_comparison_with_raw_tokens_and_omh_on_known_scores():
-    from ussbench.reports.learning_curves import comparison_table
+def known_learner_cells() -> list[dict]:
+    """Raw tokens, STEGO and STEGO+OMH on 'msrc' at three seeds with known mIoU."""
 
     def cell(label: str, plugin: str, seed: int, miou: float) -> dict:
         return {"row": {"dataset": "msrc", "feature_learner": label, "seed": seed, "miou": miou},
@@ -272,7 +272,13 @@ def test_comparison_with_raw_tokens_and_omh_on_known_scores():
 
     cells = [cell("none", "none", s, m) for s, m in enumerate([10.0, 11.0, 12.0])]
     cells += [cell("STEGO", "stego", s, m) for s, m in enumerate([20.0, 21.0, 22.0])]
-    cells += [cell("STEGO+OMH", "stego_omh", s, m) for s, m in enumerate([19.0, 22.0, 25.0])]
+    return cells + [cell("STEGO+OMH", "stego_omh", s, m) for s, m in enumerate([19.0, 22.0, 25.0])]
+
+
+def test_comparison_with_raw_tokens_and_omh_on_known_scores():
+    from ussbench.reports.learning_curves import comparison_table
+
+    cells = known_learner_cells()
     table = comparison_table(cells).set_index(["row", "against"])
     stego = table.loc[("STEGO", "raw tokens")]
     assert stego["diff"] == "+10.00" and stego["spread"] == "1.41" and stego["beyond 2 spreads"] == "yes"
@@ -286,13 +292,7 @@ def test_comparison_is_decided_by_the_reports_paired_interval_where_there_is_one
     from ussbench.evaluation.statistics import PairedDelta
     from ussbench.reports.learning_curves import comparison_table
 
-    def cell(label: str, plugin: str, seed: int, miou: float) -> dict:
-        return {"row": {"dataset": "msrc", "feature_learner": label, "seed": seed, "miou": miou},
-                "identity": {"stages": [{"kind": "feature_learner", "name": plugin}]}}  # fmt: skip
-
-    cells = [cell("none", "none", s, m) for s, m in enumerate([10.0, 11.0, 12.0])]
-    cells += [cell("STEGO", "stego", s, m) for s, m in enumerate([20.0, 21.0, 22.0])]
-    cells += [cell("STEGO+OMH", "stego_omh", s, m) for s, m in enumerate([19.0, 22.0, 25.0])]
+    cells = known_learner_cells()
     asked = []
 
     def paired(dataset: str, a: str, b: str):
