@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +17,7 @@ from sklearn.metrics import adjusted_rand_score
 from ussbench.dataset_clusterers.kmeans import KMeansClusterer
 from ussbench.errors import ConfigError
 
-ENGINES = ["faiss", "torch", "sklearn"]
+ENGINES = ["faiss", "torch", "sklearn", "sklearn_elkan", "auto"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,6 +41,48 @@ def test_engines_agree_from_the_same_init(metric):
         assert abs(km.inertia_ - ref) / ref < 0.01, (engine, km.inertia_, ref)
     # faiss and torch run the same (spherical) Lloyd steps: same partition.
     assert adjusted_rand_score(fits["faiss"].labels_, fits["torch"].labels_) > 0.99
+
+
+def test_elkan_reaches_lloyds_fixed_point():
+    """Elkan is exact Lloyd: from one init it ends where the torch Lloyd ends (same partition, same inertia)."""
+    X = _overlapping(seed=5)
+    lloyd = KMeansClusterer(8, engine="torch", n_init=3, max_iter=300, tol=0.0, seed=2).fit(X)
+    elkan = KMeansClusterer(8, engine="sklearn_elkan", n_init=3, max_iter=300, tol=0.0, seed=2).fit(X)
+    assert adjusted_rand_score(lloyd.labels_, elkan.labels_) > 0.999
+    assert abs(elkan.inertia_ - lloyd.inertia_) / lloyd.inertia_ < 1e-4
+
+
+def test_auto_engine_resolves_by_device_and_metric():
+    X = _overlapping(seed=6)
+    assert KMeansClusterer(8, n_init=1).fit(X).artifacts()["engine"] == "sklearn_elkan"
+    assert KMeansClusterer(8, metric="cosine", n_init=1).fit(X).artifacts()["engine"] == "torch"
+    assert KMeansClusterer(8, engine="faiss", n_init=1).fit(X).artifacts()["engine"] == "faiss"
+
+
+_THREAD_PROBE = """
+import hashlib, sys, torch
+from sklearn.datasets import make_blobs
+from ussbench.dataset_clusterers.kmeans import KMeansClusterer
+X, _ = make_blobs(20000, n_features=32, centers=40, cluster_std=3.0, random_state=0)
+km = KMeansClusterer(12, engine=sys.argv[1], n_init=4, seed=1).fit(torch.tensor(X, dtype=torch.float32))
+print(hashlib.sha256(km.cluster_centers_.tobytes() + km.labels_.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("engine", ["sklearn_elkan", "sklearn"])
+def test_sklearn_restarts_do_not_depend_on_the_thread_count(engine):
+    """Restarts on one OpenMP thread each, spread over the run's threads: bit-identical on 1 and 2 threads.
+
+    Separate processes, because OpenMP reads its thread count once per process (OMP_NUM_THREADS);
+    scikit-learn's own threading gives centroids about 1e-5 apart on this data.
+    """
+    digests = set()
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "USSBENCH_THREADS": threads}
+        out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, engine], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
 
 
 def test_minibatch_engine_close_to_lloyd():

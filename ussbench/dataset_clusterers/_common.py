@@ -233,7 +233,8 @@ def kmeans_plusplus_many(
                 idx[r] = torch.searchsorted(cum[r], u).clamp_(max=n - 1)
         d = sq_distances(X, X[idx.reshape(-1)], x_sq).T.reshape(R, trials, n)
         cand = torch.minimum(closest[:, None, :], d)  # (R, trials, n)
-        best = cand.sum(2, dtype=torch.float64).argmin(1)  # (R,)
+        # numpy's single-threaded sum: the candidate kept does not depend on the thread count
+        best = torch.from_numpy(cand.cpu().numpy().sum(2, dtype=np.float64).argmin(1)).to(X.device)  # (R,)
         centres[:, c] = X[idx[rows, best]]
         closest = cand[rows, best]
     return centres

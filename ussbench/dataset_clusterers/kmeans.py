@@ -3,6 +3,11 @@
 Every restart draws its initial centroids once (seeded k-means++ or random points) and hands the same
 array to the chosen engine, so engines differ only in their Lloyd iterations and agree on the result.
 Input pipeline (study Table 5): [per-dimension z-score] -> [L2 rows] -> [PCA] -> [L2 rows if cosine].
+
+Engine ``auto`` (the default): faiss on a GPU with faiss-gpu, torch on other GPUs, and on the CPU
+scikit-learn's Elkan k-means (exact Lloyd with triangle-inequality bounds that skip most distance
+computations once few points move) for L2, torch's spherical Lloyd for cosine. Measured on MSRC-v2's
+222,000 raw patch tokens (384-d, K 21, 5 restarts, 1 core): faiss 81.6 s, torch 69.6 s, Elkan about 23 s.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from ._common import (
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("faiss", "torch", "sklearn", "sklearn_minibatch")
+ENGINES = ("auto", "faiss", "torch", "sklearn", "sklearn_elkan", "sklearn_minibatch")
+SKLEARN_ENGINES = ("sklearn", "sklearn_elkan", "sklearn_minibatch")
 _CHUNK = 1 << 16  # rows per distance block: bounds the (chunk, R * k) matrices on large inputs
 FAISS_CHUNK = 10  # faiss iterations between convergence checks
 
@@ -58,6 +64,15 @@ def faiss_gpu_available() -> bool:
         return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     except ImportError:
         return False
+
+
+def resolve_engine(engine: str, metric: str, device: str) -> str:
+    """The engine ``auto`` stands for on this device and metric (any other engine is returned unchanged)."""
+    if engine != "auto":
+        return engine
+    if torch.device(device).type == "cuda":
+        return "faiss" if faiss_gpu_available() else "torch"
+    return "torch" if metric == "cosine" else "sklearn_elkan"
 
 
 def assign(Z: torch.Tensor, C: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,10 +182,12 @@ def lloyd_torch_many(
 class KMeansClusterer(DatasetClusterer):
     """k-means over all segment vectors; engines faiss (GPU if present) / torch / sklearn; L2 or spherical."""
 
+    version = "2"  # 2: engine "auto" (scikit-learn Elkan on the CPU), restart choice thread-invariant
+
     def __init__(
         self,
         n_clusters: int = 21,
-        engine: Literal["faiss", "torch", "sklearn", "sklearn_minibatch"] = "faiss",
+        engine: Literal["auto", "faiss", "torch", "sklearn", "sklearn_elkan", "sklearn_minibatch"] = "auto",
         metric: Literal["l2", "cosine"] = "l2",
         normalise_input: bool = True,
         standardise: bool = False,
@@ -247,16 +264,21 @@ class KMeansClusterer(DatasetClusterer):
             C0s = C0[None]
         else:
             C0s = self._initial_centroids_many(Z, list(range(self.n_init)), z_sq)
-        if self.engine == "torch":
+        engine = self.engine_ = resolve_engine(self.engine, self.metric, str(Z.device))
+        if engine == "torch":
             Cs, iters = lloyd_torch_many(Z, C0s, self.metric, self.max_iter, tol_abs, z_sq)
+        elif engine in SKLEARN_ENGINES:
+            runs = self._run_sklearn_restarts(Z, C0s, engine)
+            Cs, iters = torch.stack([c for c, _ in runs]), [i for _, i in runs]
         else:
-            runs = [self._run_engine(Z, C0s[r], r, tol_abs) for r in range(C0s.shape[0])]
+            runs = [self._run_engine(Z, C0s[r], r, tol_abs, engine) for r in range(C0s.shape[0])]
             Cs, iters = torch.stack([c for c, _ in runs]), [i for _, i in runs]
         if self.metric == "cosine":
             Cs = l2_normalise(Cs.reshape(-1, Z.shape[1])).reshape(Cs.shape)
-        check_labels_finite(Cs, "kmeans", f"centroids of engine {self.engine!r}")
+        check_labels_finite(Cs, "kmeans", f"centroids of engine {engine!r}")
         labels, dist, _, _ = assign_many(Z, Cs, self.metric, z_sq, accumulate=False)
-        inertias = dist.double().sum(1)
+        # numpy's single-threaded pairwise sum: the restart picked does not depend on the thread count
+        inertias = torch.from_numpy(dist.double().cpu().numpy().sum(1))
         best = int(inertias.argmin())  # the first restart among equals, as a sequential loop would keep
         self.inertia_ = float(inertias[best])
         self.n_iter_ = iters[best]
@@ -264,15 +286,63 @@ class KMeansClusterer(DatasetClusterer):
         self.labels_ = labels[best].cpu()
         return self
 
+    def _run_sklearn_restarts(
+        self, Z: torch.Tensor, C0s: torch.Tensor, engine: str
+    ) -> list[tuple[torch.Tensor, int]]:
+        """scikit-learn restarts, each on one OpenMP thread, spread over the run's threads.
+
+        One thread per restart makes every restart's sums run in one fixed order, so the result does not
+        depend on the thread count (scikit-learn's own threads split the sums by thread); the restarts run
+        side by side in a thread pool (scikit-learn's loops release the GIL), which keeps every core busy.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..threads import run_threads
+
+        arr = np.ascontiguousarray(Z.cpu().numpy(), dtype=np.float32)
+        inits = [np.ascontiguousarray(C0.cpu().numpy(), dtype=np.float32) for C0 in C0s]
+        workers = max(1, min(run_threads(), len(inits)))
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(self._fit_sklearn, arr, init, r, engine) for r, init in enumerate(inits)]
+            runs = [job.result() for job in jobs]
+        return [(torch.from_numpy(c).to(Z.device), n) for c, n in runs]
+
+    def _fit_sklearn(
+        self, arr: np.ndarray, init: np.ndarray, restart: int, engine: str
+    ) -> tuple[np.ndarray, int]:
+        """One scikit-learn fit from the shared initial centroids, on one OpenMP thread: (centroids, iterations)."""
+        from threadpoolctl import threadpool_limits
+
+        seed = self.seed * 1000 + restart
+        if engine == "sklearn_minibatch":
+            from sklearn.cluster import MiniBatchKMeans
+
+            km = MiniBatchKMeans(
+                self.n_clusters, init=init, n_init=1, max_iter=self.max_iter, batch_size=self.batch_size,
+                random_state=seed, compute_labels=False,
+            )  # fmt: skip
+        else:
+            from sklearn.cluster import KMeans
+
+            # metric="cosine": Euclidean Lloyd on unit vectors (sklearn has no spherical variant).
+            km = KMeans(
+                self.n_clusters, init=init, n_init=1, max_iter=self.max_iter, tol=self.tol,
+                algorithm="elkan" if engine == "sklearn_elkan" else "lloyd", random_state=seed,
+            )  # fmt: skip
+        # OpenMP's thread count is per calling thread: set it here, in the worker that runs the fit
+        with threadpool_limits(limits=1, user_api="openmp"):
+            km.fit(arr)
+        return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
+
     def _run_engine(
-        self, Z: torch.Tensor, C0: torch.Tensor, restart: int, tol_abs: float
+        self, Z: torch.Tensor, C0: torch.Tensor, restart: int, tol_abs: float, engine: str
     ) -> tuple[torch.Tensor, int]:
-        if self.engine == "torch":
+        if engine == "torch":
             return lloyd_torch(Z, C0, self.metric, self.max_iter, tol_abs)
         arr = np.ascontiguousarray(Z.cpu().numpy(), dtype=np.float32)
         init = np.ascontiguousarray(C0.cpu().numpy(), dtype=np.float32)
         seed = self.seed * 1000 + restart
-        if self.engine == "faiss":
+        if engine == "faiss":
             import faiss
 
             gpu = Z.device.type == "cuda" and faiss_gpu_available()
@@ -294,23 +364,7 @@ class KMeansClusterer(DatasetClusterer):
                 if shift <= tol_abs:
                     break
             return torch.from_numpy(centroids).to(Z.device), done
-        if self.engine == "sklearn":
-            from sklearn.cluster import KMeans
-
-            # metric="cosine": Euclidean Lloyd on unit vectors (sklearn has no spherical variant).
-            km = KMeans(
-                self.n_clusters, init=init, n_init=1, max_iter=self.max_iter, tol=self.tol,
-                algorithm="lloyd", random_state=seed,
-            )  # fmt: skip
-        else:
-            from sklearn.cluster import MiniBatchKMeans
-
-            km = MiniBatchKMeans(
-                self.n_clusters, init=init, n_init=1, max_iter=self.max_iter, batch_size=self.batch_size,
-                random_state=seed, compute_labels=False,
-            )  # fmt: skip
-        km.fit(arr)
-        return torch.from_numpy(km.cluster_centers_.astype(np.float32)).to(Z.device), int(km.n_iter_)
+        raise ConfigError(f"kmeans: unknown engine {engine!r}")
 
     # -- inference -------------------------------------------------------------------------------------
 
@@ -328,4 +382,8 @@ class KMeansClusterer(DatasetClusterer):
     def artifacts(self) -> dict[str, Any]:
         if not hasattr(self, "inertia_"):
             return {}
-        return {"inertia": self.inertia_, "n_iter": self.n_iter_, "engine": self.engine}
+        return {
+            "inertia": self.inertia_,
+            "n_iter": self.n_iter_,
+            "engine": getattr(self, "engine_", self.engine),
+        }
