@@ -51,3 +51,18 @@ def test_configure_sizes_torch_faiss_and_blas_and_records_them(monkeypatch, rest
     assert threads.thread_record()["threads_blas"] in (None, 1)  # numpy's spinning OpenBLAS stays at one
     with pytest.raises(ValueError, match="thread count must be >= 1"):
         threads.configure_threads(0)
+
+
+def test_rows_record_numpys_blas_pool_not_faiss(restore_threads):
+    """faiss bundles an OpenMP OpenBLAS that follows the run's count; the row's threads_blas is numpy's."""
+    pytest.importorskip("faiss")
+    from ussbench.graph.machine import thread_counts
+
+    threads.configure_threads(2)
+    counts = thread_counts()
+    assert counts["threads_torch"] == 2 and counts["threads_blas"] in (None, 1)
+
+
+def test_ray_task_threads_outside_a_task_default_to_one():
+    ray_executor = pytest.importorskip("ussbench.graph.ray_executor")
+    assert ray_executor.task_cpus() == 1

@@ -125,13 +125,13 @@ def thread_record(device: str = "cpu") -> dict[str, Any]:
         record["threads_omp"] = int(faiss.omp_get_max_threads())
     except (ImportError, AttributeError):
         record["threads_omp"] = None
-    record["threads_blas"] = _blas_threads()
+    record["threads_blas"] = numpy_blas_threads()
     record["threads_decode"] = decode_workers(device)
     record["threads_crf"] = crf_workers()
     return record
 
 
-def _blas_threads() -> int | None:
+def numpy_blas_threads() -> int | None:
     """Threads of numpy's BLAS (the pthreads OpenBLAS pools; None when threadpoolctl or BLAS is missing)."""
     try:
         from threadpoolctl import ThreadpoolController

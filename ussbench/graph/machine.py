@@ -15,6 +15,7 @@ import torch
 
 from .. import __version__
 from ..cpuinfo import cpu_flag_set, cpu_model
+from ..threads import numpy_blas_threads
 
 # ISA extensions that select different BLAS / oneDNN / faiss kernels (and so different rounding)
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
@@ -48,7 +49,7 @@ def thread_counts() -> dict[str, Any]:
         out["threads_omp"] = int(faiss.omp_get_max_threads())
     except (ImportError, AttributeError):
         out["threads_omp"] = None
-    out["threads_blas"] = _blas_threads_probe()[0]
+    out["threads_blas"] = numpy_blas_threads()  # numpy's own pool, not faiss's bundled one
     return out
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..cache import stable_hash
 from ..errors import ConfigError
+from ..threads import configure_threads
 from .evaluation import peak_rss_mb
 from .executor import (
     CellOutcome,
@@ -209,6 +210,17 @@ def warm_up(node: Node, rt: Runtime) -> None:
         rt.backbone(cell.entry("backbone"))
 
 
+def task_cpus() -> int:
+    """Whole CPUs Ray granted the running task (1 outside a task or for a fractional grant)."""
+    try:
+        import ray
+
+        granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # noqa: BLE001 - not in a Ray task: one thread, as Ray's workers default to
+        granted = 1.0
+    return max(1, int(granted))
+
+
 def run_node(node: Node, settings: RunSettings, names: tuple[str, ...], owned: tuple[bool, ...],
              *args: Any) -> tuple[Any, NodeMeta]:  # fmt: skip
     """A node's task: its value (a CacheRef for a cached stage) and its meta. ``args`` are the inputs' values
@@ -216,6 +228,7 @@ def run_node(node: Node, settings: RunSettings, names: tuple[str, ...], owned: t
     ``owned[i]``: this cell is the first of the run to use input i)."""
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         settings = dataclasses.replace(settings, device="cpu")  # a CPU-only task: Ray hid the GPUs from it
+    configure_threads(task_cpus(), settings.device)  # the task's CPUs, not the node's: no oversubscription
     rt = _STATE.runtime(settings)
     device = rt.device
     if device.type == "cuda":
