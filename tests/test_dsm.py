@@ -288,6 +288,20 @@ def test_batched_kmeans_is_seeded_and_finds_blobs():
     assert all(sp.same_partition(lab, truth) for lab in a)
 
 
+def test_batched_kmeans_dropping_converged_runs_changes_nothing():
+    """Runs at a fixed point leave the batch early: labels equal iterating every run until all stop, on a batch
+    whose runs converge after very different numbers of iterations (tol 0: only repeated labels stop)."""
+    g = torch.Generator().manual_seed(3)
+    easy = torch.randn(6, 3, 4, generator=g) * 8  # well-separated blobs: a few iterations
+    truth = torch.arange(90) % 3
+    x_easy = easy[:, truth] + 0.2 * torch.randn(6, 90, 4, generator=g)
+    x_hard = torch.randn(6, 90, 4, generator=g)  # no structure: many iterations
+    x = torch.cat([x_easy, x_hard])
+    fast = sp.kmeans_batched(x, 5, 3, 100, torch.Generator().manual_seed(1), tol=0.0)
+    full = sp.kmeans_batched(x, 5, 3, 100, torch.Generator().manual_seed(1), tol=0.0, drop_converged=False)
+    assert torch.equal(fast, full)
+
+
 def test_bad_parameters_raise_naming_the_parameter():
     with pytest.raises(ConfigError, match="n_segments"):
         DeepSpectral(n_segments=0)

@@ -180,7 +180,13 @@ def kmeans_sklearn(x: np.ndarray, k: int, n_init: int, max_iter: int, seed: int)
 
 
 def kmeans_batched(
-    x: torch.Tensor, k: int, n_init: int, max_iter: int, generator: torch.Generator, tol: float = 1e-4
+    x: torch.Tensor,
+    k: int,
+    n_init: int,
+    max_iter: int,
+    generator: torch.Generator,
+    tol: float = 1e-4,
+    drop_converged: bool = True,
 ) -> torch.Tensor:
     """Batched Lloyd k-means with k-means++ seeding: x (B, P, E) -> (B, P) labels, best of n_init runs.
 
@@ -209,20 +215,30 @@ def kmeans_batched(
         new = X[rows, pick].unsqueeze(1)
         centers = torch.cat([centers, new], dim=1)
         closest = torch.minimum(closest, sqdist(new).squeeze(-1))
-    # Lloyd iterations
+    # Lloyd iterations. A run whose labels repeat is at a fixed point (its next centres are the same), so it
+    # leaves the batch: the remaining iterations only touch the runs still moving. The result is what
+    # iterating every run until all stop would give (a stopped run stays where it is).
     labels = sqdist(centers).argmin(-1)
+    active = rows
+    Xa, sqa, ca, la = X, sq, centers, labels
     for _ in range(max_iter):
-        onehot = F.one_hot(labels, k).to(X.dtype)  # (BR, P, k)
-        counts = onehot.sum(1)  # (BR, k)
-        sums = onehot.transpose(1, 2) @ X
-        new_centers = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centers)
-        shift = ((new_centers - centers) ** 2).sum((1, 2))
-        centers = new_centers
-        new_labels = sqdist(centers).argmin(-1)
-        done = bool((new_labels == labels).all()) or bool((shift <= tol * tol).all())
-        labels = new_labels
-        if done:
+        onehot = F.one_hot(la, k).to(X.dtype)  # (A, P, k)
+        counts = onehot.sum(1)  # (A, k)
+        sums = onehot.transpose(1, 2) @ Xa
+        new_centers = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), ca)
+        shift = ((new_centers - ca) ** 2).sum((1, 2))
+        ca = new_centers
+        d = (sqa.unsqueeze(-1) - 2 * Xa @ ca.transpose(1, 2) + (ca * ca).sum(-1).unsqueeze(1)).clamp_min_(0)
+        new_labels = d.argmin(-1)
+        moved = (new_labels != la).any(1)
+        centers[active], labels[active] = ca, new_labels
+        if not bool(moved.any()) or bool((shift <= tol * tol).all()):
             break
+        if drop_converged and not bool(moved.all()):  # drop the runs at a fixed point
+            keep = moved.nonzero().squeeze(1)
+            active, Xa, sqa, ca, la = active[keep], Xa[keep], sqa[keep], ca[keep], new_labels[keep]
+        else:
+            la = new_labels
     inertia = sqdist(centers).gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(-1).reshape(B, R)
     best = inertia.argmin(dim=1)
     return labels.reshape(B, R, P)[torch.arange(B, device=x.device), best]
