@@ -345,3 +345,16 @@ def test_a_grid_run_stores_per_image_counts_pickle_free(tmp_path, toy_root):
         assert all(data[name].dtype != object for name in data.files)
     md = (grid.output / "leaderboard.md").read_text()
     assert "Intervals: unavailable" not in md and "bootstrap over images" in md
+
+
+def test_compare_where_picks_rows_by_stage_labels_and_matches_the_command(report, capsys):
+    """The study tables' claims use compare_where: the same paired Δ and interval as ``ussbench compare``."""
+    from ussbench.reports.compare import compare_where
+
+    d = compare_where(
+        report, {"image_clusterer": "good twin"}, {"image_clusterer": "raw tokens"}, n_resamples=200
+    )
+    assert main(["compare", str(report), "good twin", "raw tokens", "--resamples", "200"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Δ mIoU"))
+    assert f"{d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" in line and d.decided
+    assert compare_where(report, {"image_clusterer": "good"}, {"image_clusterer": "no such row"}) is None

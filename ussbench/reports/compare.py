@@ -122,6 +122,24 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
                               "and no third argument was given")  # fmt: skip
         a = pick_row(Path(first), *_load(Path(first)), row_a)
         b = pick_row(Path(second), *_load(Path(second)), row_b)
+    boots, d = paired(a, b, n_resamples, seed, level)
+    lines = []
+    for name, picked in (("A", a), ("B", b)):
+        boot = boots[name.lower()]
+        lo, hi = centred_interval(boot.miou, boot.nested_miou, level)
+        alo, ahi = centred_interval(boot.acc, boot.nested_acc, level)
+        lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
+                     f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
+    verdict = "decided" if d.decided else "not decided (the interval contains 0)"
+    lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "
+                 f"{verdict}")  # fmt: skip
+    lines.append(f"{boots['a'].n_images} images; {METHOD.format(B=n_resamples, seed=seed, level=level)}.")
+    return "\n".join(lines)
+
+
+def paired(a: PickedRow, b: PickedRow, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+           level: float = DEFAULT_LEVEL) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """The two rows' bootstraps and their paired Δ mIoU (A − B), after checking they are comparable."""
     if a.folder == b.folder and a.position == b.position:
         raise ConfigError(f"both selectors pick row {a.position} ({a.label}); choose two different rows")
     why = same_images(a, b)
@@ -135,15 +153,23 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
             "b": [(int(c["row"]["seed"]), s.counts) for c, s in zip(b.cells, b.counts)]}  # fmt: skip
     boots = bootstrap_rows(rows, n_resamples, seed, *match_a)
     d = paired_delta(boots["a"].miou, boots["b"].miou, boots["a"].nested_miou, boots["b"].nested_miou, level)
-    lines = []
-    for name, picked in (("A", a), ("B", b)):
-        boot = boots[name.lower()]
-        lo, hi = centred_interval(boot.miou, boot.nested_miou, level)
-        alo, ahi = centred_interval(boot.acc, boot.nested_acc, level)
-        lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
-                     f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
-    verdict = "decided" if d.decided else "not decided (the interval contains 0)"
-    lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "
-                 f"{verdict}")  # fmt: skip
-    lines.append(f"{boots['a'].n_images} images; {METHOD.format(B=n_resamples, seed=seed, level=level)}.")
-    return "\n".join(lines)
+    return boots, d
+
+
+def compare_where(folder: Path | str, where_a: dict[str, str], where_b: dict[str, str],
+                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL) -> Any:  # fmt: skip
+    """The paired Δ mIoU (A − B) of the two rows of one report whose stage labels equal ``where_a`` /
+    ``where_b`` (e.g. ``{"image_clusterer": "DSM", "dataset_clusterer": "OTC"}``); None if either is missing."""
+    folder = Path(folder)
+    board, cells, counts = _load(folder)
+    picked = []
+    for where in (where_a, where_b):
+        hits = [
+            i
+            for i, (_, cfg) in enumerate(board.iterrows())
+            if all(str(cfg.get(k)) == v for k, v in where.items())
+        ]
+        if len(hits) != 1:
+            return None
+        picked.append(pick_row(folder, board, cells, counts, str(hits[0] + 1)))
+    return paired(picked[0], picked[1], n_resamples, seed, level)[1]
