@@ -55,7 +55,11 @@ def test_shared_stages_count_once_and_fractions_use_the_limits(tmp_path):
     feat = next(r for r in records if r["stage"] == "features")
     assert feat["rate"] == 10.0 and feat["fraction"] == 0.1  # 100 GFLOP in 10 s on a 100 GFLOP/s machine
     km = next(r for r in records if r["stage"] == "dataset_clusterer" and r["cell_id"] == "c1")
-    assert km["work"] == 2 * 11 * 2 * 500 * 5 * 64 / 1e9 and km["bound"] == "="  # faiss: every iteration
+    assert km["work"] == 2 * 11 * 2 * 500 * 5 * 64 / 1e9 and km["bound"] == "<="  # auto (Elkan) skips work
+    faiss_cell = cell("c4", "km", "k-means", 2)
+    faiss_cell["params"]["dataset_clusterer"]["params"]["engine"] = "faiss"
+    km = next(r for r in profile_records([faiss_cell], limits) if r["stage"] == "dataset_clusterer")
+    assert km["bound"] == "="  # faiss runs every iteration
     summary = summarise(records)
     assert summary[0]["stage"] == "features"  # sorted by seconds
     table = "\n".join(format_table(summary))
@@ -72,3 +76,17 @@ def test_shared_stages_count_once_and_fractions_use_the_limits(tmp_path):
 def test_footer_without_limits_shows_seconds_only(tmp_path):
     footer = profile_footer(tmp_path, [cell("c1", "km", "k-means", 0)])
     assert "Limits not measured" in footer and "GFLOP/s |" not in footer.split("\n")[-2]
+
+
+def test_acg_and_hsg_groups_have_work_models_that_scale_with_their_epochs():
+    """ACG and HSG groups are profiled against the limit too: GFLOP grow as (3 x epochs + 1) passes."""
+    from ussbench.reports.profile import _image_clusterer
+
+    base = cell("c1", "ACG", "k-means", 0)["row"] | {"n_images": 10}
+    for name in ("acg", "hsg_groups"):
+        works = []
+        for epochs in (1, 3):
+            params = {"image_clusterer": {"name": name, "params": {"epochs": epochs}}}
+            works.append(_image_clusterer(base, {"params": params}))
+        assert all(w is not None and w.unit == "GFLOP" and w.amount > 0 for w in works), name
+        assert works[1].amount > 2 * works[0].amount, name  # 10 vs 4 training passes (plus fixed work)

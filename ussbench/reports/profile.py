@@ -138,6 +138,21 @@ def _image_clusterer(row: dict[str, Any], cell: dict[str, Any]) -> Work | None:
         if p.get("segment_vector", "crop_cls") != "mean":
             note += "; crop-CLS forwards not counted"
         return Work(flops / 1e9, "GFLOP", "<=", note)
+    if name == "acg" and row.get("n_images"):
+        # per image and round: the prototype side (q/out folds, self-attention in/out, FFN) on N prototypes and
+        # the two pixel products (P x C x N); x3 for forward + backward over the epochs, plus one predict pass
+        N, rounds = p.get("n_prototypes", 6), p.get("n_rounds", 6)
+        ffn, epochs = int(d * p.get("ffn_ratio", 4.0)), p.get("epochs", 10)
+        per_pass = rounds * (row["n_images"] * N * (6 * d * d + 2 * d * ffn) * 2 + 4 * N * d * n)
+        return Work((3 * epochs + 1) * per_pass / 1e9, "GFLOP", "~", f"{epochs} epochs (x3) + predict")
+    if name == "hsg_groups":
+        # the projection head (d -> hidden -> dim) over every token, x3 when training, plus the k-means
+        # hierarchy's distance products; superpixels and the graph terms are not counted
+        hidden, dim, epochs = p.get("hidden_dim", 384), p.get("dim", 128), p.get("epochs", 3)
+        head = 2 * n * (d * hidden + hidden * dim)
+        km = p.get("kmeans_iters", 15) * 4 * n * p.get("n0", 36) * dim
+        return Work(((3 * epochs + 1) * head + (epochs + 1) * km) / 1e9, "GFLOP", "~",
+                    f"{epochs} epoch(s) of the head (x3) + predict + k-means hierarchy")  # fmt: skip
     return None
 
 
