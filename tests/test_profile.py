@@ -90,3 +90,20 @@ def test_acg_and_hsg_groups_have_work_models_that_scale_with_their_epochs():
             works.append(_image_clusterer(base, {"params": params}))
         assert all(w is not None and w.unit == "GFLOP" and w.amount > 0 for w in works), name
         assert works[1].amount > 2 * works[0].amount, name  # 10 vs 4 training passes (plus fixed work)
+
+
+def test_bf16_stages_are_measured_against_the_bf16_limit():
+    """ACG and ABC run their matmuls in bf16 where the backbone's 'auto' chose bf16: their limit is bf16's."""
+    from ussbench.reports.profile import _dataset_clusterer, _image_clusterer, limit_of
+
+    limits = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "bandwidth_gbs": 10.0}
+    row = cell("c1", "ACG", "ABC", 0)["row"] | {"n_images": 10, "precision": "bf16"}
+    acg = _image_clusterer(row, {"params": {"image_clusterer": {"name": "acg", "params": {}}}})
+    abc = _dataset_clusterer(row, {"params": {"dataset_clusterer": {"name": "abc", "params": {}}}})
+    fp32_abc = _dataset_clusterer(
+        row, {"params": {"dataset_clusterer": {"name": "abc", "params": {"precision": "fp32"}}}}
+    )
+    assert limit_of(acg, row, limits, "image_clusterer") == 200.0
+    assert limit_of(abc, row, limits, "dataset_clusterer") == 200.0
+    assert limit_of(fp32_abc, row, limits, "dataset_clusterer") == 100.0
+    assert limit_of(abc, row | {"precision": "fp32"}, limits, "dataset_clusterer") == 100.0  # no native bf16

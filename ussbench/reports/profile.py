@@ -101,6 +101,7 @@ class Work:
     unit: str  # "GFLOP" or "GB"
     bound: str  # "=" exact, "<=" upper bound (configured maxima), "~" approximate
     model: str
+    bf16_capable: bool = False  # the stage's matmuls run in bf16 wherever the backbone's 'auto' chose bf16
 
 
 def _params(cell: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def _image_clusterer(row: dict[str, Any], cell: dict[str, Any]) -> Work | None:
         N, rounds = p.get("n_prototypes", 6), p.get("n_rounds", 6)
         ffn, epochs = int(d * p.get("ffn_ratio", 4.0)), p.get("epochs", 10)
         per_pass = rounds * (row["n_images"] * N * (6 * d * d + 2 * d * ffn) * 2 + 4 * N * d * n)
-        return Work((3 * epochs + 1) * per_pass / 1e9, "GFLOP", "~", f"{epochs} epochs (x3) + predict")
+        low = p.get("precision", "auto") != "fp32"
+        return Work((3 * epochs + 1) * per_pass / 1e9, "GFLOP", "~", f"{epochs} epochs (x3) + predict", low)
     if name == "hsg_groups":
         # the projection head (d -> hidden -> dim) over every token, x3 when training, plus the k-means
         # hierarchy's distance products; superpixels and the graph terms are not counted
@@ -186,7 +188,8 @@ def _dataset_clusterer(row: dict[str, Any], cell: dict[str, Any]) -> Work | None
         hidden = D * float(p.get("mlp_ratio", 4.0))
         per = sum(4 * D * D + 4 * K * D if b == "attn" else 4 * D * hidden for b in blocks) + 2 * K * D
         flops = p.get("epochs", 100) * 3 * N * per
-        return Work(flops / 1e9, "GFLOP", "~", f"{p.get('epochs', 100)} epochs, forward + backward")
+        low = p.get("precision", "auto") != "fp32"
+        return Work(flops / 1e9, "GFLOP", "~", f"{p.get('epochs', 100)} epochs, forward + backward", low)
     return None
 
 
@@ -227,7 +230,7 @@ def limit_of(work: Work, row: dict[str, Any], limits: dict[str, Any], stage: str
     """The machine's limit for a stage's work: copy GB/s, or matmul GFLOP/s (bf16 for a bf16 backbone)."""
     if work.unit == "GB":
         return limits.get("bandwidth_gbs")
-    bf16 = stage == "features" and row.get("precision") == "bf16"
+    bf16 = row.get("precision") == "bf16" and (stage == "features" or work.bf16_capable)
     return limits.get("bf16_gflops" if bf16 else "fp32_gflops")
 
 
