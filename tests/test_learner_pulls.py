@@ -70,7 +70,8 @@ def test_stego_auto_pulls_follow_the_measured_share_and_numbers_are_kept():
         STEGO(pull_self="median")
 
 
-def test_share_to_pull_stays_a_fraction():
+def test_share_to_pull_is_the_square_and_stays_a_fraction():
     assert calibration.share_to_pull(1.0) == calibration.SHARE_BOUNDS[1] < 1.0
     assert calibration.share_to_pull(0.0) == calibration.SHARE_BOUNDS[0] > 0.0
-    assert calibration.share_to_pull(0.45) == 0.45
+    assert calibration.share_to_pull(0.5) == pytest.approx(0.25)  # CamVid-like share: a quarter pulled
+    assert calibration.share_to_pull(0.86) == pytest.approx(0.7396)  # MSRC-like share
