@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..base import FeatureLearner, FeatureSet, StageContext
+from ..determinism import one_thread
 from ..errors import ConfigError, NumericalError
 from . import health
 from .omh import OMHHeads, check_omh_params
@@ -49,6 +50,23 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
+        yield
+
+
+@contextlib.contextmanager
+def thread_invariant(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the block's kernels on one intra-op thread (``ussbench.determinism.one_thread``).
+
+    A training step holds several cross-element reductions whose CPU kernels sum in per-thread partial
+    buffers: the 1x1 convolutions' bias (and weight) gradients, the loss means, the centred feature
+    correlation's ``fd.mean()``, the calibration quantiles' inputs. With 1 vs 2 threads a learner's weights
+    drifted 5e-5..9e-5 apart in 20 steps (and the codes of equal weights 5e-6 apart); on one thread both are
+    bit-identical whatever the caller's thread count. CUDA runs unchanged.
+    """
+    if device.type == "cpu":
+        with one_thread():
+            yield
+    else:
         yield
 
 
@@ -376,7 +394,7 @@ class HeadLearner(FeatureLearner, abc.ABC):
     def fit(self, features: FeatureSet, ctx: StageContext) -> HeadLearner:
         device = ctx.device
         n_classes = int(self.num_classes or ctx.num_classes)
-        with seeded(self.seed, device):
+        with seeded(self.seed, device), thread_invariant(device):
             self.bank_ = build_bank(features, self.crop_size, self.crop_mode, device)
             self.generator_ = torch.Generator().manual_seed(int(self.seed))
             self.sampler_ = ViewSampler(self.bank_.n_views, self.batch_size, self.generator_)
@@ -473,7 +491,8 @@ class HeadLearner(FeatureLearner, abc.ABC):
     def transform(self, features: FeatureSet, ctx: StageContext) -> FeatureSet:
         if not hasattr(self, "loss_log_"):
             raise RuntimeError(f"{self.plugin_name}: call fit() before transform()")
-        codes = encode_maps(features, self._encode, ctx.device)
+        with thread_invariant(ctx.device):  # the 1x1 convolutions' CPU kernels differ by thread count too
+            codes = encode_maps(features, self._encode, ctx.device)
         return features.with_code(codes, learner=self.plugin_name)
 
     def transform_at(self, index: int, features: FeatureSet, ctx: StageContext) -> FeatureSet:

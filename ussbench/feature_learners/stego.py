@@ -10,6 +10,8 @@ cluster and linear probes are not part of the learner (the dataset-level cluster
 A shift left at ``"auto"`` is calibrated before training (:mod:`.calibration`): the (1 - pull) quantile of
 that pair type's centred feature correlations on batches drawn as the loss draws them, with
 ``pull_self`` / ``pull_knn`` / ``pull_rand`` the fractions of self / kNN / random pairs pulled together.
+``pull_self`` / ``pull_knn`` left at ``"auto"`` are s^2, s the measured own-image share of a patch's 30 nearest
+patches (:func:`.calibration.own_image_share`): pull about 0.74 on MSRC-v2 object photos, 0.23 on CamVid roads.
 The presets carry the papers' numbers and use them exactly.
 """
 
@@ -29,8 +31,11 @@ from ._training import HeadLearner, ViewBank, derangement, knn_table
 from .omh import omh_variant
 
 PAIR_TYPES = ("self", "knn", "rand")
-# The calibration rule, fixed on MSRC-v2 (DINOv2 ViT-S/14) and held for every other backbone and dataset.
-DEFAULT_PULL = {"self": 0.8, "knn": 0.8, "rand": 0.03}
+# The calibration rule, fixed on MSRC-v2 (DINOv2 ViT-S/14) and held for every other backbone and dataset:
+# self and kNN pairs pulled in the square of the measured own-image share of a patch's neighbourhood ('auto'),
+# random pairs 3%.
+DEFAULT_PULL = {"self": "auto", "knn": "auto", "rand": 0.03}
+AUTO_PULLS = ("self", "knn")
 
 
 def sample_points(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -127,6 +132,7 @@ class STEGO(HeadLearner):
     """STEGO head (linear + 2-layer 1x1 conv) trained by correspondence distillation; optional OMH terms."""
 
     display = "stego"
+    version = "3"  # 3: pull_self / pull_knn 'auto' (the squared measured own-image share; was 0.8)
 
     # explicit signature (registry reads it); the training and omh_* tail repeats HP's and SmooSeg's on purpose
     def __init__(
@@ -139,8 +145,8 @@ class STEGO(HeadLearner):
         shift_self: float | Literal["auto"] = "auto",
         shift_knn: float | Literal["auto"] = "auto",
         shift_rand: float | Literal["auto"] = "auto",
-        pull_self: float = DEFAULT_PULL["self"],
-        pull_knn: float = DEFAULT_PULL["knn"],
+        pull_self: float | Literal["auto"] = DEFAULT_PULL["self"],
+        pull_knn: float | Literal["auto"] = DEFAULT_PULL["knn"],
         pull_rand: float = DEFAULT_PULL["rand"],
         feature_samples: int = 11,
         neg_samples: int = 5,
@@ -169,7 +175,7 @@ class STEGO(HeadLearner):
         omh_lr: float = 5e-3,
         omh_balance: Literal["paper", "mean"] = "mean",
     ):
-        calibration.check_shifts("stego", locals(), PAIR_TYPES)
+        calibration.check_shifts("stego", locals(), PAIR_TYPES, AUTO_PULLS)
         if feature_samples < 1:
             raise ConfigError(f"stego: feature_samples must be >= 1, got {feature_samples}")
         if neg_samples < 0:
@@ -207,11 +213,17 @@ class STEGO(HeadLearner):
             return stego_pair_correlations(*self._batch(views, g), self.feature_samples, self.pointwise, g)
 
         values = calibration.collect(draw, self.seed)
+        pulls = {pair: getattr(self, f"pull_{pair}") for pair in PAIR_TYPES}
+        if any(calibration.is_auto(given[p]) and calibration.is_auto(pulls[p]) for p in PAIR_TYPES):
+            share = calibration.own_image_share(self.bank_.tokens, self.bank_.grids, self.seed)
+            resolved["own_image_share"] = share
+            pulls = {
+                p: calibration.share_to_pull(share) if calibration.is_auto(v) else v for p, v in pulls.items()
+            }
         for pair in PAIR_TYPES:
             if calibration.is_auto(given[pair]) and pair in values:
-                resolved[f"shift_{pair}"] = calibration.quantile_shift(
-                    values[pair], getattr(self, f"pull_{pair}")
-                )
+                resolved[f"pull_{pair}"] = float(pulls[pair])
+                resolved[f"shift_{pair}"] = calibration.quantile_shift(values[pair], pulls[pair])
                 resolved[f"correlation_{pair}"] = calibration.summary(values[pair])
             resolved.setdefault(f"shift_{pair}", 0.0)  # no random pairs (batch of 1): the term is unused
         return resolved
