@@ -62,8 +62,14 @@ def describe(grid: Grid) -> list[str]:
         labels = " | ".join(cell.entry(kind).label for kind in STAGE_ORDER)
         lines.append(f"  {state:8s} {cid}  {labels} | seed {cell.seed}")
     cached = cache_entries(grid.cache_dir)
-    held = ", ".join(f"{stage} {n}" for stage, n in cached.items() if stage != "weights") or "nothing"
-    lines.append(f"{status['finished']} finished, {status['to run']} to run; cache holds {held} entries")
+    held = ", ".join(
+        f"{stage} {n}" for stage, n in cached.items() if stage != "weights" and not stage.startswith(".")
+    )
+    held = f"cache holds {held} entries" if held else "cache is empty"
+    lines.append(f"{status['finished']} finished, {status['to run']} to run; {held}")
     lines.append(f"  stage values already cached: {stage_cache_status(plan, rt.cache)}")
-    lines.append("dry run: nothing was computed or written")
+    lines.append(
+        "dry run: no stage was computed and no result written (a backbone's weights may have been converted "
+        "into the cache once, to fingerprint them)"
+    )
     return lines

@@ -352,7 +352,7 @@ def profile_footer(output: Path, cells: list[dict[str, Any]]) -> str:
     summary = summarise(profile_records(cells, limits))
     if not summary:
         return ""
-    lines = ["## Where the time goes", ""]
+    lines = ["", "## Where the time goes", ""]
     if limits:
         lines.append(
             f"Measured on {limits.get('machine', '?')}: fp32 matmul {limits['fp32_gflops']:.0f} GFLOP/s, bf16 "
