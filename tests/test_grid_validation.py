@@ -81,6 +81,20 @@ def test_missing_weight_file_fails_before_work(tmp_path, toy_root):
     assert not (tmp_path / "out").exists()
 
 
+def test_plugin_parameters_are_checked_before_any_backbone_check(tmp_path, toy_root, monkeypatch):
+    """A bad clusterer parameter is reported before a backbone's check() (which may convert weights) runs."""
+    from ussbench.backbones.dino import RandomViT
+
+    checked = []
+    monkeypatch.setattr(RandomViT, "check", lambda self: checked.append(self))
+    path = edit(tiny_grid(tmp_path, toy_root), image_clusterers=[{"name": "acg", "params": {"epochs": -1}}])
+    with pytest.raises(ConfigError, match=r"image_clusterers\[0\] \(acg\): .*epochs"):
+        validate_grid(load_grid(path))
+    assert checked == []
+    validate_grid(load_grid(tiny_grid(tmp_path, toy_root)))
+    assert len(checked) == 1  # a valid grid still runs the backbone's check
+
+
 def test_missing_dataset_folder_fails_before_work(tmp_path, toy_root):
     path = edit(tiny_grid(tmp_path, toy_root), datasets=[{"name": "msrc_v2"}])
     with pytest.raises(ConfigError, match=r"datasets\[0\] \(msrc_v2\): .*msrc_v2.* does not exist"):

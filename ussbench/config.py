@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from . import registry
 from .errors import ConfigError, PluginError
 from .paths import default_data_root, resolve_grid_path
 from .yaml_loader import load_yaml_file
+
+log = logging.getLogger(__name__)
 
 STAGE_KEYS = {
     "datasets": "dataset",
@@ -110,12 +113,16 @@ def load_grid(
 
     path = resolve_grid_path(path)
     raw, sources = read_composed(path)
+    exclude_before = raw.get("exclude")
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = _cli_path(value) if key == "data_root" else value
     for text in sets or []:
         apply_set(raw, text)
     where = str(path) + (" (with --set)" if sets else "")
+    # a base grid's exclude rules may name entries this grid replaced; such a rule matches no cell either way
+    exclude_origin = _key_origin("exclude", sources)
+    inherited_exclude = exclude_origin not in (None, sources[0]) and raw.get("exclude") is exclude_before
     for i, module in enumerate(_as_list(raw.get("plugins", []) or [], f"{where}: key 'plugins'", str)):
         try:
             registry.import_plugin_module(module, base_dir=Path.cwd())
@@ -148,7 +155,12 @@ def load_grid(
                     f"{where}: postprocess[{i}] ({entry.name}) with protocol.crf on would post-process twice; "
                     "set postprocess: [none] or protocol.crf: false"
                 )
-    exclude = _parse_exclude(raw.get("exclude", []) or [], stages, f"{where}: exclude")
+    exclude = _parse_exclude(
+        raw.get("exclude", []) or [],
+        stages,
+        f"{exclude_origin} (base of {path}): exclude" if inherited_exclude else f"{where}: exclude",
+        inherited=inherited_exclude,
+    )
     if raw.get("baseline") is not None:
         _check_baseline(raw["baseline"], stages, f"{where}: baseline")
     data_root = _data_root(raw, where)
@@ -378,8 +390,22 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
     return out
 
 
-def _parse_exclude(raw: Any, stages: dict[str, list[StageEntry]], where: str) -> list[dict[str, str]]:
-    """Exclude rules: each names, per stage, a label or plugin name that the stage has (refused otherwise)."""
+def _key_origin(key: str, sources: list[Path]) -> Path | None:
+    """The file of a ``base`` chain (grid file first) whose own text sets ``key``; None if none does."""
+    for source in sources:
+        if key in _read_one(source):
+            return source
+    return None
+
+
+def _parse_exclude(
+    raw: Any, stages: dict[str, list[StageEntry]], where: str, inherited: bool = False
+) -> list[dict[str, str]]:
+    """Exclude rules: each names, per stage, a label or plugin name that the stage has (refused otherwise).
+
+    ``inherited`` (the rules come from a base grid): a rule naming an entry this grid does not have matches no
+    cell, so it is dropped with a warning instead of refused (the base file was checked on its own).
+    """
     stage_names = {v: k for k, v in STAGE_KEYS.items()}
     out = []
     for i, rule in enumerate(_as_list(raw, where, dict)):
@@ -394,12 +420,16 @@ def _parse_exclude(raw: Any, stages: dict[str, list[StageEntry]], where: str) ->
                 )
             entries = stages[stage_names[key]]
             if not any(value in (e.label, e.name) for e in entries):
+                if inherited:
+                    log.warning(f"{where}[{i}] names {key} {value!r}, which this grid does not have: rule dropped")
+                    break
                 have = ", ".join(dict.fromkeys(repr(e.label) for e in entries))
                 raise ConfigError(
                     f"{where}[{i}].{key}: {value!r} is no label or plugin name of {stage_names[key]} "
                     f"(labels: {have}), so the rule matches no cell"
                 )
-        out.append(dict(rule))
+        else:
+            out.append(dict(rule))
     if out and _every_cell_excluded(stages, out):
         raise ConfigError(f"{where}: the rules exclude every cell of the grid")
     return out

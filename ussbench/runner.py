@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,23 +67,34 @@ def _excluded(cell: Cell, rule: dict[str, str]) -> bool:
 
 
 def validate_grid(grid: Grid) -> None:
-    """Instantiate every plugin once and check data roots and weight files before any work starts."""
+    """Instantiate every plugin once, then check data roots and weight files, before any work starts.
+
+    Two passes: every plugin's parameters are checked before any ``check()`` runs, because a backbone's check
+    may convert its weights into the cache (seconds, 44 MB) and a typo in a later stage should not wait on it.
+    """
+    built = []
     for key, entries in grid.stages.items():
         for i, entry in enumerate(entries):
-            if entry.skipped:
-                continue
-            where = f"{grid.path}: {key}[{i}] ({entry.name})"
-            try:
-                plugin = build_plugin(entry, _validation_injections(entry, grid))
-                check = getattr(plugin, "check", None)
-                if callable(check):
-                    check()
-            except (ConfigError, FileNotFoundError, ValueError) as exc:
-                raise (
-                    type(exc)(f"{where}: {exc}")
-                    if isinstance(exc, ConfigError)
-                    else ConfigError(f"{where}: {exc}")
-                ) from exc
+            if not entry.skipped:
+                where = f"{grid.path}: {key}[{i}] ({entry.name})"
+                with _blamed(where):
+                    built.append((where, build_plugin(entry, _validation_injections(entry, grid))))
+    for where, plugin in built:
+        check = getattr(plugin, "check", None)
+        if callable(check):
+            with _blamed(where):
+                check()
+
+
+@contextmanager
+def _blamed(where: str):
+    """Re-raise a plugin's configuration, file or value error as one ConfigError line that starts with ``where``."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise (
+            type(exc)(f"{where}: {exc}") if isinstance(exc, ConfigError) else ConfigError(f"{where}: {exc}")
+        ) from exc
 
 
 def _validation_injections(entry: StageEntry, grid: Grid) -> dict[str, Any]:
