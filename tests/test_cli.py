@@ -73,14 +73,22 @@ def test_base_cycle_is_refused(tmp_path):
 
 
 def test_inherited_exclude_rule_naming_a_replaced_entry_is_dropped(tmp_path, toy_root, caplog):
-    base = tiny_grid(tmp_path, toy_root, exclude=[{"image_clusterer": "km3", "dataset_clusterer": "km-sklearn"}])
+    base = tiny_grid(
+        tmp_path, toy_root, exclude=[{"image_clusterer": "km3", "dataset_clusterer": "km-sklearn"}]
+    )
     assert len(load_grid(base).exclude) == 1
     child = tmp_path / "child.yaml"
     child.write_text("base: grid.yaml\nname: child\ndataset_clusterers: [kmeans]\n")
     with caplog.at_level("WARNING", logger="ussbench.config"):
         grid = load_grid(child)
-    assert grid.exclude == []  # the rule named 'km-sklearn', which the child no longer has: it matched nothing
-    assert "grid.yaml (base of" in caplog.text and "'km-sklearn'" in caplog.text and "rule dropped" in caplog.text
+    assert (
+        grid.exclude == []
+    )  # the rule named 'km-sklearn', which the child no longer has: it matched nothing
+    assert (
+        "grid.yaml (base of" in caplog.text
+        and "'km-sklearn'" in caplog.text
+        and "rule dropped" in caplog.text
+    )
     # the child's own rules are still checked: a typo is an error naming the child file
     child.write_text("base: grid.yaml\nname: child\nexclude: [{image_clusterer: km4}]\n")
     with pytest.raises(ConfigError, match=r"child.yaml: exclude\[0\].image_clusterer: 'km4' is no label"):

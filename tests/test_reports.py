@@ -68,8 +68,11 @@ def test_committed_folder_rebuilds_the_same_statistics_without_cells(report, tmp
     store = read_store(report / STORE_NAME)
     assert len(store) == len(ROWS) * 3
     shutil.rmtree(report / "cells")  # what a fresh clone sees: cells/ is not committed
+    (report / "panels.png").write_bytes(b"drawn from the cells before they were removed")
     build_report(report, "toy", n_resamples=300)
     after = (report / "leaderboard.md").read_text()
+    assert "Qualitative panels" in after and "panels.png" in after  # the committed figure stays in the report
+    assert (report / "panels.png").read_bytes().startswith(b"drawn from the cells")
     strip = [_column(before, c) for c in ("mIoU 95% CI", "Δ mIoU vs baseline", "p", "rank", "acc. 95% CI")]
     for line_a, line_b in zip(leaderboard_rows(before)[1:], leaderboard_rows(after)[1:]):
         a, b = line_a.strip("|").split("|"), line_b.strip("|").split("|")

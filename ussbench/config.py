@@ -421,7 +421,9 @@ def _parse_exclude(
             entries = stages[stage_names[key]]
             if not any(value in (e.label, e.name) for e in entries):
                 if inherited:
-                    log.warning(f"{where}[{i}] names {key} {value!r}, which this grid does not have: rule dropped")
+                    log.warning(
+                        f"{where}[{i}] names {key} {value!r}, which this grid does not have: rule dropped"
+                    )
                     break
                 have = ", ".join(dict.fromkeys(repr(e.label) for e in entries))
                 raise ConfigError(

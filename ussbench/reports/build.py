@@ -82,6 +82,11 @@ def build_report(
         except Exception as exc:  # panels need the data; a report without them is still a report
             log.warning("qualitative %s skipped: %s", key.replace("_", " "), exc)
             written[key] = None
+        kept = output / QUALITATIVE_FILES[key]
+        if written[key] is None and not from_cells and kept.is_file():
+            written[key] = (
+                kept  # a committed folder: the figure drawn from its cells still shows these results
+            )
     written["leaderboard_csv"] = atomic_write(
         output / "leaderboard.csv", lambda tmp: _leaderboard_csv(board, stats).to_csv(tmp, index=False)
     )
@@ -101,6 +106,14 @@ def build_report(
         build_index(output.parent)
     return {k: v for k, v in written.items() if v is not None}
 
+
+# The qualitative figures' files: drawn from the cells' saved arrays, kept as they are when a committed folder
+# (no cells/) is rebuilt from results.parquet
+QUALITATIVE_FILES = {
+    "panels": "panels.png",
+    "level_panels": "panels_levels.png",
+    "omh_hierarchy": "omh_hierarchy.png",
+}
 
 # Figures in the order the report shows them: (key in ``written``, title). A figure added elsewhere appends here.
 FIGURES = [
