@@ -10,6 +10,9 @@ the claim (reproduced: the interval lies on the study's side of 0; contradicted:
 undecided: it contains 0).
 
     python benchmarks/study_tables.py reports/study_msrc reports/study_camvid
+
+The study-settings reports (``reports/study_*_full``: crop CLS, ACG 400 epochs, ABC 500 epochs) are read the
+same way: their row labels map onto the same roles (``FULL_LABELS``); the rows they do not run read "not run".
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ DSM, ACG, RAW = (
 MASKED = "DSM masked-attention CLS"  # not in the cut grids: its rows read "not run"
 ABC_STUDY, ABC_REF = "ABC study loss (100 ep.)", "ABC hard bounds, Attn+MLP, N/k^2..N/k^0.5 (100 ep.)"
 KM = "KMeans L2"
+# the same roles in the study-settings grids (benchmarks/study_*_full.yaml): a report holding these labels is
+# read through them, so one script serves the cut and the full grids
+FULL_LABELS = {
+    DSM: "DSM (crop CLS)",
+    ACG: "ACG (400 ep., crop CLS)",
+    ABC_STUDY: "ABC study loss (500 ep.)",
+    ABC_REF: "ABC hard bounds (500 ep.)",
+}
 # (table, study row, study mIoU, our image clusterer, our dataset clusterer)
 ROWS = [
     ("1", "DSM", 25.95, DSM, KM),
@@ -110,7 +121,16 @@ def load(folder: Path) -> pd.DataFrame:
     return frame[["image_clusterer", "dataset_clusterer", "seed", "miou", "time_total_s"]].copy()
 
 
+def resolve(frame: pd.DataFrame, column: str, label: str) -> str:
+    """``label`` as this report names it: the cut grid's label, else its study-settings twin, if present."""
+    present = set(frame[column])
+    if label not in present and FULL_LABELS.get(label) in present:
+        return FULL_LABELS[label]
+    return label
+
+
 def row_values(frame: pd.DataFrame, ic: str, dc: str) -> pd.Series:
+    ic, dc = resolve(frame, "image_clusterer", ic), resolve(frame, "dataset_clusterer", dc)
     sel = frame[(frame.image_clusterer == ic) & (frame.dataset_clusterer == dc)]
     return sel.set_index("seed").miou.sort_index()
 
@@ -145,6 +165,10 @@ def tables(folder: Path) -> str:
     for table in ("1", "2", "3", "4", "5", "-"):
         ref_study, ref_ic, ref_dc = REFERENCE[table]
         ref_vals = row_values(frame, ref_ic, ref_dc)
+        ref_ic, ref_dc = (
+            resolve(frame, "image_clusterer", ref_ic),
+            resolve(frame, "dataset_clusterer", ref_dc),
+        )
         lines += [f"## {TITLES[table]}", "",
                   f"Ratios: to the study's {ref_study:.2f} (its DSM + KMeans) and to our {ref_ic} + {ref_dc} of the same seed.", "",
                   "| study row | study mIoU | study ratio | ours (grid row) | ours mIoU | std | 95% interval | our ratio | ratio 95% interval | seeds |",
@@ -152,10 +176,11 @@ def tables(folder: Path) -> str:
         for tab, name, study, ic, dc in ROWS:
             if tab != table:
                 continue
+            ic, dc = resolve(frame, "image_clusterer", ic), resolve(frame, "dataset_clusterer", dc)
             vals = row_values(frame, ic, dc)
             if vals.empty:
                 lines.append(
-                    f"| {name} | {'' if study is None else f'{study:.2f}'} | | {ic} + {dc} | not run (cut) | | | | | 0 |"
+                    f"| {name} | {'' if study is None else f'{study:.2f}'} | | {ic} + {dc} | not run (not in this grid) | | | | | 0 |"
                 )
                 continue
             mean, std, lo, hi = t_interval(vals)
@@ -180,11 +205,13 @@ def tables(folder: Path) -> str:
             a, b = row_values(frame, a_ic, a_dc), row_values(frame, b_ic, b_dc)
             diff = (a - b).dropna()
             if diff.empty:
-                lines.append(f"| {text} | {study_delta:+.2f} | | | not run (cut) | | |")
+                lines.append(f"| {text} | {study_delta:+.2f} | | | not run (not in this grid) | | |")
                 continue
             mean, _, lo, hi = t_interval(diff)
             eq = "|delta| < 1" in text  # an equivalence claim ("A ~ B"), not "by ~5"
             d = None
+            a_ic, b_ic = resolve(frame, "image_clusterer", a_ic), resolve(frame, "image_clusterer", b_ic)
+            a_dc, b_dc = resolve(frame, "dataset_clusterer", a_dc), resolve(frame, "dataset_clusterer", b_dc)
             if (folder / "per_image_counts.npz").is_file() or (folder / "cells").is_dir():
                 try:
                     d = compare_where(folder, {"image_clusterer": a_ic, "dataset_clusterer": a_dc},
