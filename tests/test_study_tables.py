@@ -88,6 +88,9 @@ def test_a_study_settings_report_is_read_through_its_own_labels(tmp_path, st):
     assert "ACG (400 ep., crop CLS) + KMeans L2" in acg and "8.03" in acg
     assert "not run" in claim_line(text, "Table 2: MLP > 2xAttn+MLP")  # the ablations live in the cut grid
     assert "not run" not in claim_line(text, "Table 4: ABC > KMeans by ~5 (bounds on argmax counts)")
+    for line in text.split("claims")[1].splitlines():  # every claim row has the header's 7 columns
+        if line.startswith("| Table"):
+            assert line.count("|") == 8, line
 
 
 def test_diagnosis_reads_the_abc_cluster_sizes_of_each_cell(tmp_path, toy_root):
