@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._jit import FASTMATH, match_torch_threads
+
 log = logging.getLogger(__name__)
 
 try:  # numba is a dependency; keep a torch fallback so a broken install degrades instead of failing
@@ -39,7 +41,7 @@ def modularity_graph(x: torch.Tensor) -> torch.Tensor:
 
 if numba is not None:
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @njit(parallel=True, fastmath=set(FASTMATH), cache=True)
     def _max_intensity_kernel(S, G, lengths, H, q):  # pragma: no cover - compiled
         """S (b, N, P) concept-major, G (b, P, P) symmetric graph, lengths[t] valid pixels -> H (b, N, P) (zero
         on padding), q (b,) (outputs)."""
@@ -88,7 +90,7 @@ def _max_intensity_numba(
         ln = np.ascontiguousarray(lengths.cpu().numpy().astype(np.int64))
     H = np.empty_like(St)
     q = np.empty(St.shape[0], dtype=np.float64)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    match_torch_threads()
     _max_intensity_kernel(St, Gn, ln, H, q)
     dev = S.device
     return torch.from_numpy(q).to(dev, S.dtype), torch.from_numpy(H).transpose(1, 2).to(dev, S.dtype)

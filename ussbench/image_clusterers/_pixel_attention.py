@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._jit import FASTMATH, match_torch_threads
+
 try:
     import numba
     from numba import njit, prange
@@ -23,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised only without numba
 
 if numba is not None:
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @njit(parallel=True, fastmath=set(FASTMATH), cache=True)
     def _attend_kernel(q, x, lengths, att, r):  # pragma: no cover - compiled
         """q (b, M, C), x (b, P, C) with lengths[t] valid pixels -> att (b, M, P) softmax weights (0 on padding)
         and r (b, M, C) = att @ x (outputs)."""
@@ -59,7 +61,7 @@ if numba is not None:
                     for c in range(C):
                         r[t, m, c] += a * x[t, p, c]
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @njit(parallel=True, fastmath=set(FASTMATH), cache=True)
     def _attend_backward_kernel(dr, att, x, lengths, dq):  # pragma: no cover - compiled
         """dr (b, M, C), att (b, M, P), x (b, P, C) -> dq (b, M, C) (output); the pixels get no gradient."""
         b, M, C = dr.shape
@@ -87,10 +89,6 @@ if numba is not None:
                         dq[t, m, c] += a * x[t, p, c]
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().cpu().numpy())
 
@@ -102,7 +100,7 @@ class _PixelAttention(torch.autograd.Function):
         ln = np.ascontiguousarray(lengths.cpu().numpy().astype(np.int64))
         att = np.empty((qn.shape[0], qn.shape[1], xn.shape[1]), dtype=np.float32)
         r = np.empty_like(qn)
-        _threads()
+        match_torch_threads()
         _attend_kernel(qn, xn, ln, att, r)
         ctx.save_for_backward(torch.from_numpy(att), x, torch.from_numpy(ln))
         return torch.from_numpy(r).to(q.dtype)
@@ -111,7 +109,7 @@ class _PixelAttention(torch.autograd.Function):
     def backward(ctx, dr: torch.Tensor):
         att, x, ln = ctx.saved_tensors
         dq = np.empty((dr.shape[0], dr.shape[1], dr.shape[2]), dtype=np.float32)
-        _threads()
+        match_torch_threads()
         _attend_backward_kernel(_np(dr), att.numpy(), _np(x), ln.numpy(), dq)
         return torch.from_numpy(dq).to(dr.dtype), None, None
 

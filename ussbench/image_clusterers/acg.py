@@ -176,8 +176,9 @@ class AdaptiveConceptGenerator(ImageClusterer):
     """ACSeg's adaptive concept generator: attention-updated prototypes, modularity loss, adaptive #segments."""
 
     # 2: centre_features; 3: batches mix image sizes (zero-padded), precision (bf16 where native);
-    # 4: thread-invariant LayerNorm gradients (core's ussbench.determinism)
-    version = "4"
+    # 4: thread-invariant LayerNorm gradients (core's ussbench.determinism);
+    # 5: numba kernels with fastmath {reassoc, contract}: compiled and cache-loaded kernels agree (_jit.py)
+    version = "5"
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
     def __init__(
