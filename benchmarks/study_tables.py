@@ -46,6 +46,10 @@ FULL_LABELS = {
     ACG: "ACG (400 ep., crop CLS)",
     ABC_STUDY: "ABC study loss (500 ep.)",
     ABC_REF: "ABC hard bounds (500 ep.)",
+    **{
+        f"ABC {row} (100 ep.)": f"ABC {row} (500 ep.)"
+        for row in ("2xAttn+MLP", "Identical", "MLP", "N/k^1.5..none", "N/k^2..none", "N/k^2..N/k^0.7")
+    },
 }
 # (table, study row, study mIoU, our image clusterer, our dataset clusterer)
 ROWS = [

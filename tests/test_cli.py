@@ -146,6 +146,7 @@ def test_dry_run_lists_cells_then_finished_ones_and_v_shows_each_cells_miou(tmp_
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, "run", "--grid", grid, "--dry-run", "--seeds", 0)
     assert code == 0 and not out.exists() and not (tmp_path / "cache").exists(), "a dry run writes nothing"
+    assert "cache is empty" in stdout and "exclude rule" not in stdout  # no rules: none mentioned
     listed = [line for line in stdout.splitlines() if line.startswith("  to run ")]
     assert len(listed) == 4 and "0 finished, 4 to run" in stdout
     assert any("km3" in line and "km-sklearn" in line and "seed 0" in line for line in listed)
@@ -159,6 +160,7 @@ def test_dry_run_lists_cells_then_finished_ones_and_v_shows_each_cells_miou(tmp_
     assert code == 0 and len([line for line in stderr.splitlines() if "mIoU" in line]) == 1
     code, stdout, _ = run_cli(capsys, "-v", "run", "--grid", grid, "--seeds", 0, "--dry-run")
     assert code == 0 and "4 finished, 0 to run" in stdout
+    assert "fingerprints" not in stdout.split("to run;")[1]  # file hashes are no stage values
     assert len([line for line in stdout.splitlines() if line.startswith("  finished ")]) == 4
 
 

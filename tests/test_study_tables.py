@@ -79,14 +79,16 @@ def test_rows_a_grid_cut_read_not_run(tmp_path, st):
 def test_a_study_settings_report_is_read_through_its_own_labels(tmp_path, st):
     """reports/study_*_full name DSM, ACG and the two ABC rows differently; the same roles are found."""
     full = {(st.FULL_LABELS.get(ic, ic), st.FULL_LABELS.get(dc, dc)): [10.0, 11.0, 12.0]
-            for _, _, _, ic, dc in st.ROWS if "(100 ep.)" not in dc or dc in st.FULL_LABELS}  # fmt: skip
+            for _, _, _, ic, dc in st.ROWS if dc != "ABC MLP (100 ep.)"}  # fmt: skip
     full[(st.FULL_LABELS[st.ACG], st.KM)] = [7.0, 8.1, 9.0]
+    full[(st.FULL_LABELS[st.DSM], "ABC Identical (500 ep.)")] = [5.0, 6.1, 7.0]
     write_report(tmp_path, st, full)
     text = st.tables(tmp_path)
     assert "reproduced" in claim_line(text, "Table 1: DSM > ACG")
     acg = next(line for line in text.splitlines() if line.startswith("| ACG (their implementation)"))
     assert "ACG (400 ep., crop CLS) + KMeans L2" in acg and "8.03" in acg
-    assert "not run" in claim_line(text, "Table 2: MLP > 2xAttn+MLP")  # the ablations live in the cut grid
+    assert "not run" in claim_line(text, "Table 2: MLP > 2xAttn+MLP")  # this report has no MLP row
+    assert "reproduced" in claim_line(text, "Table 2: 2xAttn+MLP > Identical")  # read from the 500-epoch rows
     assert "not run" not in claim_line(text, "Table 4: ABC > KMeans by ~5 (bounds on argmax counts)")
     for line in text.split("claims")[1].splitlines():  # every claim row has the header's 7 columns
         if line.startswith("| Table"):

@@ -52,7 +52,8 @@ def describe(grid: Grid) -> list[str]:
         f"grid {grid.name} ({' <- '.join(str(p) for p in grid.sources) or grid.path}"
         + (f"; --set {' '.join(grid.sets)}" if grid.sets else "")
         + ")",
-        f"  {len(cells)} cells = {sizes}, minus {len(grid.exclude)} exclude rule(s)",
+        f"  {len(cells)} cells = {sizes}"
+        + (f", less the cells that {len(grid.exclude)} exclude rule(s) match" if grid.exclude else ""),
         f"  data root {grid.data_root}; output {grid.output}; cache {grid.cache_dir}",
     ]
     status = Counter()
@@ -63,8 +64,10 @@ def describe(grid: Grid) -> list[str]:
         lines.append(f"  {state:8s} {cid}  {labels} | seed {cell.seed}")
     cached = cache_entries(grid.cache_dir)
     held = ", ".join(
-        f"{stage} {n}" for stage, n in cached.items() if stage != "weights" and not stage.startswith(".")
-    )
+        f"{stage} {n}"
+        for stage, n in cached.items()
+        if n and stage not in ("weights", "fingerprints") and not stage.startswith(".")
+    )  # fingerprints are file hashes, not stage values
     held = f"cache holds {held} entries" if held else "cache is empty"
     lines.append(f"{status['finished']} finished, {status['to run']} to run; {held}")
     lines.append(f"  stage values already cached: {stage_cache_status(plan, rt.cache)}")

@@ -76,24 +76,32 @@ def validate_grid(grid: Grid) -> None:
     for key, entries in grid.stages.items():
         for i, entry in enumerate(entries):
             if not entry.skipped:
-                where = f"{grid.path}: {key}[{i}] ({entry.name})"
-                with _blamed(where):
-                    built.append((where, build_plugin(entry, _validation_injections(entry, grid))))
-    for where, plugin in built:
+                where = f"{grid.path}{' (with --set)' if grid.sets else ''}: {key}[{i}] ({entry.name})"
+                with _blamed(where, entry.name):
+                    built.append(
+                        (where, entry.name, build_plugin(entry, _validation_injections(entry, grid)))
+                    )
+    for where, name, plugin in built:
         check = getattr(plugin, "check", None)
         if callable(check):
-            with _blamed(where):
+            with _blamed(where, name):
                 check()
 
 
 @contextmanager
-def _blamed(where: str):
-    """Re-raise a plugin's configuration, file or value error as one ConfigError line that starts with ``where``."""
+def _blamed(where: str, plugin_name: str | None = None):
+    """Re-raise a plugin's configuration, file or value error as one ConfigError line that starts with ``where``
+    (which names the plugin, so a message that starts with the plugin's name loses that prefix)."""
     try:
         yield
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        message = str(exc)
+        if plugin_name and message.startswith(f"{plugin_name}: "):
+            message = message[len(plugin_name) + 2 :]
         raise (
-            type(exc)(f"{where}: {exc}") if isinstance(exc, ConfigError) else ConfigError(f"{where}: {exc}")
+            type(exc)(f"{where}: {message}")
+            if isinstance(exc, ConfigError)
+            else ConfigError(f"{where}: {message}")
         ) from exc
 
 
