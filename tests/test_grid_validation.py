@@ -93,7 +93,9 @@ def test_plugin_parameters_are_checked_before_any_backbone_check(tmp_path, toy_r
     assert "acg: acg" not in str(err.value) and "--set" not in str(err.value)  # the plugin is named once
     assert checked == []
     with pytest.raises(ConfigError, match=r"\(with --set\): image_clusterers\[0\] \(acg\): epochs"):
-        valid = edit(tiny_grid(tmp_path, toy_root), image_clusterers=[{"name": "acg", "params": {"epochs": 1}}])
+        valid = edit(
+            tiny_grid(tmp_path, toy_root), image_clusterers=[{"name": "acg", "params": {"epochs": 1}}]
+        )
         validate_grid(load_grid(valid, sets=["image_clusterers.acg.epochs=-1"]))
     validate_grid(load_grid(tiny_grid(tmp_path, toy_root)))
     assert len(checked) == 1  # a valid grid still runs the backbone's check
