@@ -55,3 +55,13 @@ def test_camvid_grids_are_the_msrc_grids_on_camvid():
         assert (camvid.seeds, camvid.protocol) == (msrc.seeds, msrc.protocol)
         assert camvid.name != msrc.name and camvid.output != msrc.output  # never inherited
         assert len(camvid.sources) == len(msrc.sources) + 1
+
+
+def test_reports_show_project_paths_relative_and_others_as_given(tmp_path):
+    """A committed report's header names its grid file without this machine's folder names."""
+    from ussbench.paths import PACKAGE_DIR, display_path
+
+    assert display_path(PACKAGE_DIR.parent / "benchmarks" / "msrc_grid.yaml") == "benchmarks/msrc_grid.yaml"
+    outside = tmp_path / "my_grid.yaml"
+    assert display_path(outside) == str(outside)
+    assert display_path(None) == "?"

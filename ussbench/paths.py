@@ -68,3 +68,14 @@ def resolve_grid_path(name: str | Path, relative_to: Path | None = None, skip: P
     raise ConfigError(
         f"grid file {str(name)!r} does not exist (looked in {looked}); shipped grids: {shipped}"
     )
+
+
+def display_path(path: str | Path | None) -> str:
+    """``path`` as a report shows it: relative to the project (``benchmarks/msrc_grid.yaml``) when it lies inside
+    the checkout, so a committed report does not carry the machine's folder names; else as given."""
+    if path is None:
+        return "?"
+    try:
+        return Path(path).resolve().relative_to(PACKAGE_DIR.parent).as_posix()
+    except (ValueError, OSError):
+        return str(path)

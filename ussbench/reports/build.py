@@ -15,6 +15,7 @@ from .. import registry
 from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
 from ..evaluation.statistics import DEFAULT_RESAMPLES, DEFAULT_SEED
+from ..paths import display_path
 from ..provenance import read_run
 from . import figures, header, learning_curves, page, profile
 from .comparisons import (
@@ -343,7 +344,7 @@ def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]], bo
     datasets = sorted({c.get("dataset_description") or c["row"]["dataset"] for c in cells})
     protocol = cells[0].get("identity", {}).get("protocol", {})
     lines = [
-        f"Grid **{grid_name}** (`{run.get('grid_file', '?')}`), latest run started {run.get('started', '?')}.",
+        f"Grid **{grid_name}** (`{display_path(run.get('grid_file'))}`), latest run started {run.get('started', '?')}.",
         header.history_line(run),
         f"Data: {'; '.join(datasets)}. Backbone(s): {', '.join(backbones)}.",
         header.images_line(cells),
