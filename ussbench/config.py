@@ -112,7 +112,7 @@ def load_grid(
     from .overrides import apply_set
 
     path = resolve_grid_path(path)
-    raw, sources = read_composed(path)
+    raw, sources, origins = read_composed(path)
     exclude_before = raw.get("exclude")
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -121,7 +121,7 @@ def load_grid(
         apply_set(raw, text)
     where = str(path) + (" (with --set)" if sets else "")
     # a base grid's exclude rules may name entries this grid replaced; such a rule matches no cell either way
-    exclude_origin = _key_origin("exclude", sources)
+    exclude_origin = origins.get("exclude")
     inherited_exclude = exclude_origin not in (None, sources[0]) and raw.get("exclude") is exclude_before
     for i, module in enumerate(_as_list(raw.get("plugins", []) or [], f"{where}: key 'plugins'", str)):
         try:
@@ -186,8 +186,9 @@ def load_grid(
     )
 
 
-def read_composed(path: Path) -> tuple[dict[str, Any], list[Path]]:
-    """The grid file's top-level keys over those of its ``base`` chain, with file-relative paths made absolute.
+def read_composed(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Path]]:
+    """The grid file's top-level keys over those of its ``base`` chain, with file-relative paths made absolute;
+    also the chain (grid file first) and, for each key, the file whose own text set it.
 
     Every top-level key a grid sets replaces its base's value as a whole (lists and the protocol mapping
     included), except ``name``, ``description`` and ``output``, which are never inherited.
@@ -210,10 +211,12 @@ def read_composed(path: Path) -> tuple[dict[str, Any], list[Path]]:
             resolve_grid_path(base, relative_to=current.parent, skip=current) if base is not None else None
         )
     merged: dict[str, Any] = {}
-    for depth, layer in enumerate(reversed(layers)):
+    origins: dict[str, Path] = {}
+    for depth, (layer, source) in enumerate(zip(reversed(layers), reversed(chain))):
         inherited = {k: v for k, v in merged.items() if k not in NOT_INHERITED}
         merged = {**inherited, **layer} if depth else dict(layer)
-    return merged, chain
+        origins = {**{k: v for k, v in origins.items() if k in inherited}, **dict.fromkeys(layer, source)}
+    return merged, chain, origins
 
 
 def _read_one(path: Path) -> dict[str, Any]:
@@ -388,14 +391,6 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
     if out["n_clusters"] is not None and out["n_clusters"] < 1:
         raise ConfigError(f"{where}.n_clusters: expected a positive integer, got {out['n_clusters']}")
     return out
-
-
-def _key_origin(key: str, sources: list[Path]) -> Path | None:
-    """The file of a ``base`` chain (grid file first) whose own text sets ``key``; None if none does."""
-    for source in sources:
-        if key in _read_one(source):
-            return source
-    return None
 
 
 def _parse_exclude(
