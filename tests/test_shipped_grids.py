@@ -62,6 +62,8 @@ def test_reports_show_project_paths_relative_and_others_as_given(tmp_path):
     from ussbench.paths import PACKAGE_DIR, display_path
 
     assert display_path(PACKAGE_DIR.parent / "benchmarks" / "msrc_grid.yaml") == "benchmarks/msrc_grid.yaml"
+    elsewhere = "/some/other/clone/benchmarks/msrc_grid.yaml"  # as a committed run.json may hold it
+    assert display_path(elsewhere) == "benchmarks/msrc_grid.yaml"
     outside = tmp_path / "my_grid.yaml"
     assert display_path(outside) == str(outside)
     assert display_path(None) == "?"

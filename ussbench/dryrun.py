@@ -5,6 +5,7 @@ Validates the grid like a run (data, plugins, weight files) but runs no cell and
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,18 @@ def describe(grid: Grid) -> list[str]:
     plan, rt = plan_grid(grid, remember=False)
     cells = plan.cells
     done = finished_cell_ids(grid.output)
+    combos = len(grid.seeds) * math.prod(len(grid.stages[key]) for key in STAGE_KEYS)
     sizes = " x ".join(f"{len(grid.stages[key])} {key}" for key in STAGE_KEYS) + f" x {len(grid.seeds)} seeds"
     lines = [
         f"grid {grid.name} ({' <- '.join(str(p) for p in grid.sources) or grid.path}"
         + (f"; --set {' '.join(grid.sets)}" if grid.sets else "")
         + ")",
-        f"  {len(cells)} cells = {sizes}"
-        + (f", less the cells that {len(grid.exclude)} exclude rule(s) match" if grid.exclude else ""),
+        f"  {len(cells)} cells: {sizes}"
+        + (
+            f" = {combos} combinations, less {combos - len(cells)} excluded by {len(grid.exclude)} rule(s)"
+            if grid.exclude
+            else ""
+        ),
         f"  data root {grid.data_root}; output {grid.output}; cache {grid.cache_dir}",
     ]
     status = Counter()

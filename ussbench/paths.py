@@ -75,7 +75,16 @@ def display_path(path: str | Path | None) -> str:
     the checkout, so a committed report does not carry the machine's folder names; else as given."""
     if path is None:
         return "?"
+    root = PACKAGE_DIR.parent
     try:
-        return Path(path).resolve().relative_to(PACKAGE_DIR.parent).as_posix()
+        return Path(path).resolve().relative_to(root).as_posix()
     except (ValueError, OSError):
-        return str(path)
+        pass
+    parts = Path(
+        path
+    ).parts  # another checkout's project file (a committed run.json): shown as this project's
+    for i in range(len(parts) - 1, 0, -1):
+        tail = Path(*parts[i:])
+        if parts[i] in ("benchmarks", "reports") and (root / tail).exists():
+            return tail.as_posix()
+    return str(path)
