@@ -80,9 +80,8 @@ def display_path(path: str | Path | None) -> str:
         return Path(path).resolve().relative_to(root).as_posix()
     except (ValueError, OSError):
         pass
-    parts = Path(
-        path
-    ).parts  # another checkout's project file (a committed run.json): shown as this project's
+    # another checkout's project file (a committed run.json): shown as this project's
+    parts = Path(path).parts
     for i in range(len(parts) - 1, 0, -1):
         tail = Path(*parts[i:])
         if parts[i] in ("benchmarks", "reports") and (root / tail).exists():
