@@ -214,10 +214,9 @@ def section_dsm_eigs(feats, old, peaks, args) -> dict[str, Any]:
             )
     n_img = sum(len(W) for W in stacks)
     t_ref, ref = _bench.timed(lambda: [[sp.eigsh_smallest(w.numpy(), K) for w in W] for W in stacks])
-    threads = torch.get_num_threads()
     solvers = {
-        "lapack_mrrr_fp64": lambda: [sp.lapack_smallest(W, K, threads) for W in stacks],
-        "lapack_mrrr_fp32": lambda: [sp.lapack_smallest(W.float(), K, threads) for W in stacks],
+        "lapack_mrrr_fp64": lambda: [sp.lapack_smallest(W, K) for W in stacks],
+        "lapack_mrrr_fp32": lambda: [sp.lapack_smallest(W.float(), K) for W in stacks],
         "torch_eigh_fp64": lambda: [sp.eigh_smallest(W, K) for W in stacks],
         "torch_eigh_fp32": lambda: [sp.eigh_smallest(W.float(), K) for W in stacks],
     }

@@ -84,31 +84,22 @@ def eigh_smallest(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return evals[..., :k], vecs
 
 
-def lapack_smallest(W: torch.Tensor, k: int, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def lapack_smallest(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Smallest k eigenpairs of (D - W) v = lam D v for a stack W (B, P, P), only the k wanted ones computed.
 
     Per image, LAPACK's MRRR (``scipy.linalg.eigh(subset_by_index=[0, k-1], driver='evr')``) on the
     symmetric normalised Laplacian, in W's dtype, v = D^-1/2 u: a dense eigh of all P eigenvectors spends
-    most of its time on the P - k unwanted ones. Images run on ``threads`` threads (LAPACK releases the GIL).
+    most of its time on the P - k unwanted ones. Images run one after another: scipy's LAPACK wrapper keeps
+    the GIL, so a thread pool over images ran no faster (measured, 2 cores, P = 400: 6.43 vs 6.37 ms/image).
     Returns eigvals (B, k) and vecs (B, P, k) with v^T D v = 1, like :func:`eigh_smallest`.
     """
     import scipy.linalg
 
     L, dm = normalised_laplacian(W, k)
-    mats = L.cpu().numpy()
-
-    def solve(b: int) -> tuple[np.ndarray, np.ndarray]:
-        return scipy.linalg.eigh(
-            mats[b], subset_by_index=[0, k - 1], driver="evr", overwrite_a=True, check_finite=False
-        )
-
-    if threads > 1 and len(mats) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            pairs = list(pool.map(solve, range(len(mats))))
-    else:
-        pairs = [solve(b) for b in range(len(mats))]
+    pairs = [
+        scipy.linalg.eigh(m, subset_by_index=[0, k - 1], driver="evr", overwrite_a=True, check_finite=False)
+        for m in L.cpu().numpy()
+    ]
     evals = torch.from_numpy(np.stack([p[0] for p in pairs])).to(W.device, W.dtype)
     vecs = torch.from_numpy(np.stack([p[1] for p in pairs])).to(W.device, W.dtype) * dm.unsqueeze(-1)
     if not torch.isfinite(evals).all():

@@ -163,12 +163,12 @@ class DeepSpectral(ImageClusterer):
         """Smallest n_eigenvectors eigenpairs of a stack of affinities, sign-fixed, by the chosen solver."""
         K = self.n_eigenvectors
         solver = self.eig_solver
-        if solver == "auto":  # batched dense eigh on a GPU; on a CPU only the K wanted pairs, images threaded
+        if solver == "auto":  # batched dense eigh on a GPU; on a CPU only the K wanted pairs (LAPACK MRRR)
             solver = "torch" if W.device.type == "cuda" else "lapack"
         if solver == "torch":
             evals, vecs = sp.eigh_smallest(W, K)
         elif solver == "lapack":
-            evals, vecs = sp.lapack_smallest(W, K, threads=torch.get_num_threads())
+            evals, vecs = sp.lapack_smallest(W, K)
         else:
             pairs = [sp.eigsh_smallest(w.double().cpu().numpy(), K) for w in W]
             evals = torch.from_numpy(np.stack([p[0] for p in pairs])).to(W.device, W.dtype)
