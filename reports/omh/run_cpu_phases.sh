@@ -11,11 +11,14 @@ ABL='{feature_learner: "STEGO+OMH paper scale"}, {feature_learner: "STEGO+OMH L_
  {feature_learner: "STEGO+OMH expansion=1"}, {feature_learner: "STEGO+OMH expansion=1.5"},
  {feature_learner: "STEGO+OMH expansion=3"}, {feature_learner: "STEGO+OMH temp=0.05"}, {feature_learner: "STEGO+OMH temp=0.10"}'
 PAPER='{feature_learner: "STEGO paper"}, {feature_learner: "HP paper"}, {feature_learner: "SmooSeg paper"}'
+LONG='{feature_learner: "HP 1,000 steps"}'  # the long HP row runs last (phase 7)
 MAIN='{feature_learner: STEGO}, {feature_learner: STEGO+OMH}, {feature_learner: HP}, {feature_learner: HP+OMH},
  {feature_learner: SmooSeg}, {feature_learner: SmooSeg+OMH}'
 echo "start $(date -u +%T)"
-$R --seeds 0 --set "exclude=[$ABL, $PAPER]" && echo "1. main rows seed 0 done $(date -u +%T)"
-$R --seeds 1 2 --set "exclude=[$ABL, $PAPER]" && echo "2. main rows seeds 1 2 done $(date -u +%T)"
-$R --seeds 0 --set "exclude=[$ABL, $MAIN]" && echo "3. paper rows seed 0 done $(date -u +%T)"
-$R --seeds 0 --set "exclude=[$PAPER, $MAIN, {dataset: camvid}]" && echo "4. ablations seed 0 done $(date -u +%T)"
-$R --seeds 1 2 --set "exclude=[$ABL, $MAIN]" && echo "5. paper rows seeds 1 2 done $(date -u +%T)"
+$R --seeds 0 --set "exclude=[$LONG, $ABL, $PAPER]" && echo "1. main rows seed 0 done $(date -u +%T)"
+$R --seeds 1 2 --set "exclude=[$LONG, $ABL, $PAPER]" && echo "2. main rows seeds 1 2 done $(date -u +%T)"
+$R --seeds 0 --set "exclude=[$LONG, $ABL, $MAIN]" && echo "3. paper rows seed 0 done $(date -u +%T)"
+$R --seeds 0 --set "exclude=[$LONG, $PAPER, $MAIN, {dataset: camvid}]" && echo "4. ablations seed 0 done $(date -u +%T)"
+$R --seeds 1 2 --set "exclude=[$ABL, $MAIN, $LONG]" && echo "5. paper rows seeds 1 2 done $(date -u +%T)"
+$R --seeds 1 2 --set "exclude=[$LONG, $PAPER, $MAIN, {dataset: camvid}]" && echo "6. ablations seeds 1 2 done $(date -u +%T)"
+$R --seeds 0 1 2 --set "exclude=[$ABL, $MAIN, $PAPER]" && echo "7. HP 1,000 steps done $(date -u +%T)"
