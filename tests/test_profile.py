@@ -69,7 +69,24 @@ def test_shared_stages_count_once_and_fractions_use_the_limits(tmp_path):
     assert (
         "## Where the time goes" in footer
         and "fp32 matmul 100 GFLOP/s" in footer
-        and "report build: 1.5 s" in footer
+        and "report build of the profiled run (`benchmarks/perf/profile_grid.py`): 1.5 s" in footer
+    )
+
+
+def test_a_shared_stage_is_timed_by_the_cell_that_computed_it_and_cached_features_get_no_rate():
+    """The cell that loaded a shared stage (0.3 s) must not stand for its computation (10 s): a rate from a
+    load would exceed any machine's limit (the omh report showed 2.4e4 GFLOP/s for cached features)."""
+    limits = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "bandwidth_gbs": 10.0, "machine": "test"}
+    loaded, computed = cell("c1", "km", "k-means", 0, t_feat=0.3), cell("c2", "km", "OTC", 0, t_feat=10.0)
+    feat = next(r for r in profile_records([loaded, computed], limits) if r["stage"] == "features")
+    assert feat["seconds"] == 10.0 and feat["rate"] == 10.0  # 100 GFLOP in 10 s, not in 0.3 s
+    loaded["row"]["features_reused"] = True
+    computed["row"]["features_reused"] = True  # a warm-cache run: every cell loaded the features
+    feat = next(r for r in profile_records([loaded, computed], limits) if r["stage"] == "features")
+    assert "rate" not in feat and "fraction" not in feat and feat["seconds"] == 10.0
+    table = "\n".join(format_table(summarise(profile_records([loaded, computed], limits))))
+    assert "loaded from the cache" in next(
+        line for line in table.splitlines() if line.startswith("| features")
     )
 
 

@@ -168,6 +168,19 @@ def test_compare_refuses_ambiguous_rows_and_other_data(report, tmp_path, capsys)
     assert "different images" in capsys.readouterr().err
 
 
+def test_compare_reads_a_plus_inside_a_name_as_part_of_the_name(tmp_path, capsys):
+    """'STEGO+OMH' names one row although 'STEGO+OMH levels=1' contains it (found by a new-user check: the
+    '+' split the name and every longer label stayed ambiguous)."""
+    out = tmp_path / "plus"
+    write_fake_cells(out, {"raw tokens": 0.3, "STEGO+OMH": 0.6, "STEGO+OMH levels=1": 0.5, "STEGO": 0.55})
+    build_report(out, "plus", n_resamples=50)
+    assert main(["compare", str(out), "STEGO+OMH", "STEGO+OMH levels=1", "--resamples", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "STEGO+OMH | k-means" in text and "STEGO+OMH levels=1 | k-means" in text
+    assert main(["compare", str(out), "STEGO+OMH | k-means", "STEGO + k-means", "--resamples", "50"]) == 0
+    assert "STEGO | k-means" in capsys.readouterr().out
+
+
 def test_index_lists_every_report(report):
     second = report.parent / "second"
     write_fake_cells(second, {"raw tokens": 0.3, "good": 0.7}, seeds=(0,))

@@ -71,19 +71,20 @@ def pick_row(folder: Path, board: pd.DataFrame, cells: list[dict[str, Any]], cou
                 f"{folder}: row {selector} does not exist (the leaderboard has {len(board)} rows)"
             )
     else:
-        terms = [t.strip().lower() for t in re.split(r"[+|]", selector) if t.strip()]  # 'HSG + ABC': both
+        # pieces split at '|' and at a spaced ' + ' ('HSG + ABC': both); 'STEGO+OMH' is one name
+        terms = [t.strip().lower() for t in re.split(r"\||\s\+\s", selector) if t.strip()]
+        pieces = [{p.lower() for p in lab.split(" | ")} for lab in labels]
         hits = [i for i, lab in enumerate(labels) if all(t in lab.lower() for t in terms)]
         wanted = selector.strip().lower()
-        exact = [
-            i
-            for i in hits
-            if wanted == labels[i].lower() or wanted in (p.lower() for p in labels[i].split(" | "))
-        ]
-        hits = exact or hits
+        # prefer the whole label, then rows of which every term is a whole piece, then substrings
+        exact = [i for i in hits if wanted == labels[i].lower()]
+        whole = [i for i in hits if all(t in pieces[i] for t in terms)]
+        hits = exact or whole or hits
         if len(hits) != 1:
             shown = "; ".join(labels[i] for i in hits[:5]) if hits else "none"
-            raise ConfigError(f"{folder}: {selector!r} matches {len(hits)} rows (matches: {shown}); give a row number "
-                              "or a longer label")  # fmt: skip
+            more = f", first 5 of {len(hits)}" if len(hits) > 5 else ""
+            raise ConfigError(f"{folder}: {selector!r} matches {len(hits)} rows (matches{more}: {shown}); give a row "
+                              "number or a longer label")  # fmt: skip
         pos = hits[0]
     cfg = board.iloc[pos]
     chosen = row_cells(cells, cfg)
