@@ -181,6 +181,14 @@ def test_compare_reads_a_plus_inside_a_name_as_part_of_the_name(tmp_path, capsys
     assert "STEGO | k-means" in capsys.readouterr().out
 
 
+def test_compare_verdict_says_the_interval_decides_when_p_and_interval_disagree():
+    from ussbench.reports.compare import verdict
+
+    assert verdict(True, 0.001) == "decided"
+    assert verdict(False, 0.4) == "not decided (the interval contains 0)"
+    assert "the interval decides" in verdict(False, 0.032)  # a new user read p = 0.032 beside 'not decided'
+
+
 def test_index_lists_every_report(report):
     second = report.parent / "second"
     write_fake_cells(second, {"raw tokens": 0.3, "good": 0.7}, seeds=(0,))

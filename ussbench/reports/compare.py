@@ -131,11 +131,21 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
         alo, ahi = centred_interval(boot.acc, boot.nested_acc, level)
         lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
                      f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
-    verdict = "decided" if d.decided else "not decided (the interval contains 0)"
     lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "
-                 f"{verdict}")  # fmt: skip
+                 f"{verdict(d.decided, d.p_value, level)}")  # fmt: skip
     lines.append(f"{boots['a'].n_images} images; {METHOD.format(B=n_resamples, seed=seed, level=level)}.")
     return "\n".join(lines)
+
+
+def verdict(decided: bool, p_value: float, level: float = DEFAULT_LEVEL) -> str:
+    """The comparison's verdict; the interval decides. At its edge the p-value (from the centred replicates)
+    can fall below 1 - level while the basic interval still touches 0: then the line says which one decides."""
+    if decided:
+        return "decided"
+    text = "not decided (the interval contains 0)"
+    if p_value < 1 - level:
+        text += "; the interval decides: the p-value comes from the centred replicates, not from the interval"
+    return text
 
 
 def paired(a: PickedRow, b: PickedRow, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
