@@ -212,6 +212,7 @@ class HP(HeadLearner):
     """HP head trained with task-agnostic and task-specific hidden positives (EMA head, 3x3 LHP); optional OMH."""
 
     display = "hp"
+    version = "3"  # 3: default steps 1,000 (was 300): where its MSRC-v2 curve flattens (reports/omh/NOTES.md)
 
     # explicit signature (registry reads it); the training and omh_* tail repeats STEGO's and SmooSeg's on purpose
     def __init__(
@@ -231,7 +232,7 @@ class HP(HeadLearner):
         weight_decay: float = 0.1,
         grad_clip: float = 10.0,
         batch_size: int = 8,
-        steps: int = 300,
+        steps: int = 1000,
         epochs: float | None = None,
         crop_mode: Literal["random", "five"] = "random",
         crop_size: int = 12,
