@@ -124,3 +124,15 @@ def test_bf16_stages_are_measured_against_the_bf16_limit():
     assert limit_of(abc, row, limits, "dataset_clusterer") == 200.0
     assert limit_of(fp32_abc, row, limits, "dataset_clusterer") == 100.0
     assert limit_of(abc, row | {"precision": "fp32"}, limits, "dataset_clusterer") == 100.0  # no native bf16
+
+
+def test_a_learner_every_cell_loaded_from_the_cache_gets_no_rate():
+    """Learned codes loaded from a warm cache are a load, like cached features: seconds only, no throughput."""
+    limits = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "bandwidth_gbs": 10.0, "machine": "test"}
+    c = cell("c1", "km", "k-means", 0)
+    c["row"].update(feature_learner="STEGO", time_feature_learner_s=0.2, learner_reused=True)
+    learner = next(r for r in profile_records([c], limits) if r["stage"] == "feature_learner")
+    assert learner.get("cached") is True and "rate" not in learner
+    c["row"]["learner_reused"] = False
+    learner = next(r for r in profile_records([c], limits) if r["stage"] == "feature_learner")
+    assert "cached" not in learner

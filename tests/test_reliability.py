@@ -176,6 +176,24 @@ def test_a_disk_hit_counts_as_reused(tmp_path, toy_root):
     assert {k: r["miou"] for k, r in warm.items()} == {k: r["miou"] for k, r in cold.items()}
 
 
+def test_learned_codes_loaded_from_the_cache_keep_their_training_time(tmp_path, toy_root):
+    """A warm run reads the learner's training seconds from its cached codes (not the load) and says it loaded."""
+    small = {"steps": 4, "batch_size": 2, "dim": 8, "crop_size": 2, "feature_samples": 2, "neg_samples": 1,
+             "num_neighbors": 2, "curve_every": 2, "checkpoints": 0}  # fmt: skip
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"],
+                               feature_learners=[{"name": "stego", "label": "STEGO", "params": small}]))  # fmt: skip
+    first = run(grid)
+    (cold,) = rows(first.output).values()
+    assert cold["learner_reused"] is False and cold["time_feature_learner_fit_s"] > 0
+    shutil.rmtree(first.output)
+    run_grid(grid, progress=False)  # with the report
+    (warm,) = rows(first.output).values()
+    assert warm["learner_reused"] is True
+    assert warm["time_feature_learner_fit_s"] == cold["time_feature_learner_fit_s"]  # stored with the codes
+    board = (first.output / "leaderboard.md").read_text()
+    assert "learner training s" in board and "loaded them from the cache" in board
+
+
 class FailsOnSeed(ImageClusterer):
     """One segment per patch, except that the seeds in ``broken`` raise (a plugin bug that must not stop the grid)."""
 

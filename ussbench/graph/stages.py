@@ -8,6 +8,8 @@ from its inputs and how they were obtained (seconds, reused).
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,10 +91,13 @@ class LearnedStage(Stage):
         learner = build_plugin(self.learner, {"seed": self.seed, "device": str(rt.device), "num_classes": n})
         ctx = StageContext(rt.device, self.seed, dataset, backbone, n, rt.progress)
         features: FeatureSet = inputs["features"]
+        start = time.perf_counter()
         learner.fit(features, ctx)
         stored = {
             "codes": [im.code for im in learner.transform(features, ctx)],
             "artifacts": learner.artifacts(),
+            # the training time travels with the cached codes: a later run that loads them still reports it
+            "fit_seconds": time.perf_counter() - start,
         }
         learner_records.add_to_learned(
             stored, self.learner, learner, features, inputs["labels"], ctx, rt.protocol
@@ -288,6 +293,9 @@ class CellStage(Stage):
         if "flipped" in inputs.values:
             row["time_features_flipped_s"] = seconds["flipped"]
         row["time_feature_learner_s"] = seconds.get("learned", 0.0)
+        if "learned" in inputs.values:  # this run's seconds are a cache load when the codes were reused
+            row["learner_reused"] = bool(reused.get("learned", False))
+            row["time_feature_learner_fit_s"] = float(inputs["learned"].get("fit_seconds", math.nan))
         row["time_image_clusterer_s"] = seconds["segments"]
         row["time_dataset_clusterer_s"] = seconds["assignment"]
         evaluation, assignment, segments = inputs["evaluation"], inputs["assignment"], inputs["segments"]

@@ -31,7 +31,7 @@ from .index import build_index
 from .panels import draw_panels
 from .paper import paper_columns
 from .records import load_report_cells, sync_per_image_counts
-from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame
+from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame, times_note
 
 log = logging.getLogger(__name__)
 PLUGIN_KINDS = {"dataset": "dataset", "backbone": "backbone", "feature_learner": "feature_learner",
@@ -390,7 +390,7 @@ def _markdown(report: Report) -> str:
     lines = [f"# Leaderboard: {r.grid_name}", "", *[f"- {line}" for line in r.header_lines()], ""]
     lines += ["## Leaderboard", "", markdown_table(r.display()), ""]
     lines += [
-        "Times are seconds per cell (mean over seeds); a stage shared by several cells is timed at its first computation.",
+        times_note(r.board),
         "",
     ]
     if r.stats.available:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .comparisons import decided_summary, row_cells, row_label
-from .tables import STAGE_COLUMNS
+from .tables import STAGE_COLUMNS, times_note
 
 if TYPE_CHECKING:
     from .build import Report
@@ -240,8 +240,7 @@ def render(report: Report, figures: list[tuple[str, str]]) -> str:
         "“classes” shows a row's per-class IoU below the table.</p>",
         leaderboard_table(report),
         "<div id='classes'></div>",
-        "<p class='note'>Times are seconds per cell (mean over seeds); a stage shared by several cells is timed at its "
-        "first computation.</p>",
+        f"<p class='note'>{html.escape(times_note(report.board))}</p>",
     ]
     if report.stats.available:
         parts += ["<h2>Which differences are decided</h2><ul class='meta'>",

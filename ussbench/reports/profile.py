@@ -250,8 +250,8 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
     """One record per computed (stage, shared computation): seconds, work, rate and fraction of the limit.
 
     Of the cells sharing a computation, the one that took longest stands for it (the others loaded it from
-    the cache or memory). Features every cell loaded from the cache (``features_reused``) show seconds only:
-    a load is no measure of the extraction's throughput.
+    the cache or memory). Features or learned codes every cell loaded from the cache (``features_reused``,
+    ``learner_reused``) show seconds only: a load is no measure of the computation's throughput.
     """
     chosen: dict[tuple, tuple[dict[str, Any], str, float]] = {}
     for cell in cells:
@@ -275,7 +275,10 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
             "cell_id": row.get("cell_id"),
             "seed": row.get("seed"),
         }
-        cached = stage == "features" and row.get("features_reused") is True
+        cached = (
+            row.get({"features": "features_reused", "feature_learner": "learner_reused"}.get(stage, ""))
+            is True
+        )
         if cached:
             record["cached"] = True
         work = None if cached else stage_work(cell, stage)

@@ -14,8 +14,8 @@ PROBE_COLUMNS = [
     "probe_miou",
     "probe_acc",
 ]  # linear probe of the row's representation (ussbench.evaluation.probe)
-TIME_COLUMNS = ["time_features_s", "time_feature_learner_s", "time_image_clusterer_s", "time_dataset_clusterer_s",
-                "time_eval_s", "time_total_s"]  # fmt: skip
+TIME_COLUMNS = ["time_features_s", "time_feature_learner_s", "time_feature_learner_fit_s", "time_image_clusterer_s",
+                "time_dataset_clusterer_s", "time_eval_s", "time_total_s"]  # fmt: skip
 
 
 def results_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
@@ -166,10 +166,24 @@ def leaderboard_display(board: pd.DataFrame, stats: pd.DataFrame | None = None, 
                       ("time_total_s", "cell total s")):  # fmt: skip
         if col in board:
             shown[name] = board[col].round(2)
+        if col == "time_feature_learner_s" and "time_feature_learner_fit_s" in board:
+            shown["learner training s"] = board.time_feature_learner_fit_s.map(
+                lambda v: "" if pd.isna(v) else f"{v:.2f}"
+            )  # blank: no learner, or codes trained before ussbench recorded it
     shown["peak RSS MB"] = board.peak_rss_mb.round(0).astype(int)
     if (board.peak_gpu_mb > 0).any():
         shown["peak GPU MB"] = board.peak_gpu_mb.round(0).astype(int)
     return shown
+
+
+def times_note(board: pd.DataFrame) -> str:
+    """The sentence under the leaderboard that says what its time columns hold."""
+    note = ("Times are seconds per cell (mean over seeds); a stage shared by several cells is timed at its first "
+            "computation")  # fmt: skip
+    if "time_feature_learner_fit_s" in board:
+        note += ("; 'learner training s' is the feature learner's training time, stored with its codes, so it holds "
+                 "also when this run loaded them from the cache ('learner s' then shows the load)")  # fmt: skip
+    return note + "."
 
 
 def _missing(v) -> bool:
