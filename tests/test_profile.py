@@ -136,3 +136,14 @@ def test_a_learner_every_cell_loaded_from_the_cache_gets_no_rate():
     c["row"]["learner_reused"] = False
     learner = next(r for r in profile_records([c], limits) if r["stage"] == "feature_learner")
     assert "cached" not in learner
+
+
+def test_at_equal_seconds_the_cell_that_computed_a_shared_stage_stands_for_it():
+    """Cells sharing a stage all carry its first-use seconds; the first cell read may be one that reused it
+    from memory, and the cold run's features were then shown as 'loaded from the cache' (new-user check)."""
+    limits = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "bandwidth_gbs": 10.0, "machine": "test"}
+    reused, computed = cell("c1", "km", "k-means", 0), cell("c2", "km", "OTC", 0)
+    reused["row"]["features_reused"], computed["row"]["features_reused"] = True, False
+    for order in ([reused, computed], [computed, reused]):
+        feat = next(r for r in profile_records(order, limits) if r["stage"] == "features")
+        assert "cached" not in feat and feat["cell_id"] == "c2" and feat["rate"] == 10.0

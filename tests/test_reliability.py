@@ -194,6 +194,17 @@ def test_learned_codes_loaded_from_the_cache_keep_their_training_time(tmp_path, 
     assert "learner training s" in board and "loaded them from the cache" in board
 
 
+def test_a_grid_without_learners_has_no_learner_time_column_and_says_what_times_hold(tmp_path, toy_root):
+    grid = load_grid(
+        tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    )
+    out = run_grid(grid, progress=False).output
+    header = (out / "leaderboard.md").read_text().split("## Leaderboard")[1].strip().splitlines()[0]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "features s" in columns and "learner s" not in columns and "learner training s" not in columns
+    assert "its load when an earlier run had cached it" in (out / "leaderboard.md").read_text()
+
+
 class FailsOnSeed(ImageClusterer):
     """One segment per patch, except that the seeds in ``broken`` raise (a plugin bug that must not stop the grid)."""
 

@@ -93,11 +93,12 @@ class LearnedStage(Stage):
         features: FeatureSet = inputs["features"]
         start = time.perf_counter()
         learner.fit(features, ctx)
+        fit_seconds = time.perf_counter() - start
         stored = {
             "codes": [im.code for im in learner.transform(features, ctx)],
             "artifacts": learner.artifacts(),
             # the training time travels with the cached codes: a later run that loads them still reports it
-            "fit_seconds": time.perf_counter() - start,
+            "fit_seconds": fit_seconds,
         }
         learner_records.add_to_learned(
             stored, self.learner, learner, features, inputs["labels"], ctx, rt.protocol

@@ -37,6 +37,10 @@ from typing import Any
 import torch
 
 PROFILE_FILE = "profile.json"
+REUSED_FLAGS = {
+    "features": "features_reused",
+    "feature_learner": "learner_reused",
+}  # row flags: loaded, not computed
 STAGES = (
     ("features", "time_features_s"),
     ("feature_learner", "time_feature_learner_s"),
@@ -253,7 +257,7 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
     the cache or memory). Features or learned codes every cell loaded from the cache (``features_reused``,
     ``learner_reused``) show seconds only: a load is no measure of the computation's throughput.
     """
-    chosen: dict[tuple, tuple[dict[str, Any], str, float]] = {}
+    chosen: dict[tuple, tuple[dict[str, Any], str, float, bool]] = {}
     for cell in cells:
         row = cell["row"]
         for stage, column in STAGES:
@@ -263,10 +267,12 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
             if stage == "feature_learner" and row.get(stage) == "none":
                 continue
             key = shared_key(row, stage)
-            if key not in chosen or float(seconds) > chosen[key][2]:
-                chosen[key] = (cell, stage, float(seconds))
+            computed = row.get(REUSED_FLAGS.get(stage, "")) is not True
+            # every cell sharing a stage carries its first-use seconds: at a tie, the cell that computed it
+            if key not in chosen or (float(seconds), computed) > (chosen[key][2], chosen[key][3]):
+                chosen[key] = (cell, stage, float(seconds), computed)
     out: list[dict[str, Any]] = []
-    for cell, stage, seconds in chosen.values():
+    for cell, stage, seconds, _ in chosen.values():
         row = cell["row"]
         record: dict[str, Any] = {
             "stage": stage,
@@ -275,10 +281,7 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
             "cell_id": row.get("cell_id"),
             "seed": row.get("seed"),
         }
-        cached = (
-            row.get({"features": "features_reused", "feature_learner": "learner_reused"}.get(stage, ""))
-            is True
-        )
+        cached = row.get(REUSED_FLAGS.get(stage, "")) is True
         if cached:
             record["cached"] = True
         work = None if cached else stage_work(cell, stage)

@@ -164,6 +164,8 @@ def leaderboard_display(board: pd.DataFrame, stats: pd.DataFrame | None = None, 
     for col, name in (("time_features_s", "features s"), ("time_feature_learner_s", "learner s"),
                       ("time_image_clusterer_s", "image-level s"), ("time_dataset_clusterer_s", "dataset-level s"),
                       ("time_total_s", "cell total s")):  # fmt: skip
+        if col == "time_feature_learner_s" and not (board.feature_learner != "none").any():
+            continue  # no row trains a learner
         if col in board:
             shown[name] = board[col].round(2)
         if col == "time_feature_learner_s" and "time_feature_learner_fit_s" in board:
@@ -178,11 +180,12 @@ def leaderboard_display(board: pd.DataFrame, stats: pd.DataFrame | None = None, 
 
 def times_note(board: pd.DataFrame) -> str:
     """The sentence under the leaderboard that says what its time columns hold."""
-    note = ("Times are seconds per cell (mean over seeds); a stage shared by several cells is timed at its first "
-            "computation")  # fmt: skip
+    note = ("Times are seconds per cell (mean over seeds); a stage shared by several cells shows, in each of them, "
+            "the seconds of its first use in this run: its computation, or its load when an earlier run had "
+            "cached it; 'cell total s' is what the cell itself ran, so the columns do not add up")  # fmt: skip
     if "time_feature_learner_fit_s" in board:
-        note += ("; 'learner training s' is the feature learner's training time, stored with its codes, so it holds "
-                 "also when this run loaded them from the cache ('learner s' then shows the load)")  # fmt: skip
+        note += ("; 'learner training s' is the feature learner's fit, stored with its codes, so it holds also when "
+                 "this run loaded them from the cache")  # fmt: skip
     return note + "."
 
 
