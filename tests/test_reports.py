@@ -382,3 +382,18 @@ def test_compare_where_picks_rows_by_stage_labels_and_matches_the_command(report
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Δ mIoU"))
     assert f"{d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" in line and d.decided
     assert compare_where(report, {"image_clusterer": "good"}, {"image_clusterer": "no such row"}) is None
+
+
+def test_index_names_the_best_row_of_each_dataset(tmp_path):
+    """A report over two datasets lists each dataset's best row (the omh index showed CamVid's 21.56 as best)."""
+    from ussbench.reports.index import _summary
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "leaderboard.html").write_text("<html></html>")
+    rows = [("msrc", "STEGO", 17.9), ("msrc", "HP", 19.4), ("camvid", "STEGO", 21.6), ("camvid", "HP", 11.9)]
+    frame = pd.DataFrame([{"dataset": d, "feature_learner": f, "image_clusterer": "patches", "miou": m,
+                           "n_images": 10} for d, f, m in rows])  # fmt: skip
+    frame.to_parquet(folder / "results.parquet")
+    best = _summary(folder)["best"]
+    assert best == "camvid: STEGO + patches (21.60 mIoU); msrc: HP + patches (19.40 mIoU)"

@@ -31,13 +31,26 @@ def _summary(folder: Path) -> dict[str, str] | None:
             means = frame.groupby(stages, dropna=False).miou.mean().sort_values(ascending=False)
             info["rows"] = str(len(means))
             info["cells"] = str(len(frame))
-            best = means.index[0]
-            info["best"] = (
-                f"{' + '.join(str(b) for b, s in zip(best, stages) if s not in ('dataset', 'backbone') and b != 'none')} ({means.iloc[0]:.2f} mIoU)"
-            )
+            info["best"] = best_rows(means, stages)
             info["data"] = ", ".join(f"{d} ({int(n)} images)" for d, n in
                                      frame.groupby("dataset").n_images.max().items()) if "n_images" in frame else ""  # fmt: skip
     return info
+
+
+def best_rows(means: pd.Series, stages: list[str]) -> str:
+    """The best row of each dataset (rows of different data are never ranked against each other)."""
+    shown = [(i, s) for i, s in enumerate(stages) if s not in ("dataset", "backbone")]
+    parts = []
+    for key, miou in means.items():  # sorted best first: the first row seen of a dataset is its best
+        key = key if isinstance(key, tuple) else (key,)
+        dataset = str(key[stages.index("dataset")]) if "dataset" in stages else ""
+        if any(p[0] == dataset for p in parts):
+            continue
+        label = " + ".join(str(key[i]) for i, _ in shown if key[i] != "none") or "none"
+        parts.append((dataset, f"{label} ({miou:.2f} mIoU)"))
+    if len(parts) == 1:
+        return parts[0][1]
+    return "; ".join(f"{d}: {text}" for d, text in parts)
 
 
 def build_index(reports_dir: Path) -> Path:
