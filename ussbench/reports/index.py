@@ -39,18 +39,16 @@ def _summary(folder: Path) -> dict[str, str] | None:
 
 def best_rows(means: pd.Series, stages: list[str]) -> str:
     """The best row of each dataset (rows of different data are never ranked against each other)."""
-    shown = [(i, s) for i, s in enumerate(stages) if s not in ("dataset", "backbone")]
-    parts = []
+    shown = [i for i, s in enumerate(stages) if s not in ("dataset", "backbone")]
+    best: dict[str, str] = {}
     for key, miou in means.items():  # sorted best first: the first row seen of a dataset is its best
         key = key if isinstance(key, tuple) else (key,)
         dataset = str(key[stages.index("dataset")]) if "dataset" in stages else ""
-        if any(p[0] == dataset for p in parts):
-            continue
-        label = " + ".join(str(key[i]) for i, _ in shown if key[i] != "none") or "none"
-        parts.append((dataset, f"{label} ({miou:.2f} mIoU)"))
-    if len(parts) == 1:
-        return parts[0][1]
-    return "; ".join(f"{d}: {text}" for d, text in parts)
+        label = " + ".join(str(key[i]) for i in shown if key[i] != "none") or "none"
+        best.setdefault(dataset, f"{label} ({miou:.2f} mIoU)")
+    if len(best) == 1:
+        return next(iter(best.values()))
+    return "; ".join(f"{d}: {text}" for d, text in best.items())
 
 
 def build_index(reports_dir: Path) -> Path:

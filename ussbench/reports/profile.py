@@ -254,7 +254,8 @@ def profile_records(cells: list[dict[str, Any]], limits: dict[str, Any] | None) 
     """One record per computed (stage, shared computation): seconds, work, rate and fraction of the limit.
 
     Of the cells sharing a computation, the one that took longest stands for it (the others loaded it from
-    the cache or memory). Features or learned codes every cell loaded from the cache (``features_reused``,
+    the cache or memory); every sharing cell carries the stage's first-use seconds, so at a tie the cell that
+    computed it (not flagged reused) stands for it. Features or learned codes every cell loaded from the cache (``features_reused``,
     ``learner_reused``) show seconds only: a load is no measure of the computation's throughput.
     """
     chosen: dict[tuple, tuple[dict[str, Any], str, float, bool]] = {}
