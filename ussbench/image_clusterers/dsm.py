@@ -2,8 +2,9 @@
 
 Per image: affinity max(k_i . k_j, 0) of the L2-normalised last-block keys (+ lambda * kNN colour
 affinity), the K smallest eigenvectors of (D - W) v = lam D v (batched torch eigh of the normalised
-Laplacian, or scipy eigsh as the reference), sign fix, k-means of the non-constant eigenvectors into
-segments, background = the segment owning most border patches, one vector per segment (crop CLS).
+Laplacian, LAPACK MRRR per image, a batched block-Krylov solver, or scipy eigsh as the reference), sign
+fix, k-means of the non-constant eigenvectors into segments, background = the segment owning most border
+patches, one vector per segment (crop CLS).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._common import (
     relabel_consecutive,
     require,
 )
+from ._krylov import krylov_smallest
 from ._segment_vectors import check_segment_vector_params, segmentations
 
 DSM_PRESETS = {
@@ -78,7 +80,7 @@ class DeepSpectral(ImageClusterer):
         kmeans_engine: Literal["sklearn", "torch"] = "sklearn",
         n_init: int = 10,
         max_iter: int = 300,
-        eig_solver: Literal["auto", "torch", "lapack", "scipy"] = "auto",
+        eig_solver: Literal["auto", "torch", "lapack", "krylov", "scipy"] = "auto",
         eig_dtype: Literal["auto", "float32", "float64"] = "auto",
         eig_batch_size: int = 64,
         crop_batch_size: int = 64,
@@ -130,8 +132,8 @@ class DeepSpectral(ImageClusterer):
         return plugin_device(self.device, "dsm")
 
     def _dtype(self, dev: torch.device) -> torch.dtype:
-        if self.eig_dtype == "auto":
-            return torch.float32 if dev.type == "cuda" else torch.float64
+        if self.eig_dtype == "auto":  # the block-Krylov solver is built for float32 products
+            return torch.float32 if dev.type == "cuda" or self.eig_solver == "krylov" else torch.float64
         return getattr(torch, self.eig_dtype)
 
     def check_grid(self, features: FeatureSet) -> None:
@@ -169,6 +171,8 @@ class DeepSpectral(ImageClusterer):
             evals, vecs = sp.eigh_smallest(W, K)
         elif solver == "lapack":
             evals, vecs = sp.lapack_smallest(W, K)
+        elif solver == "krylov":
+            evals, vecs = krylov_smallest(W, K, seed=self.seed)
         else:
             pairs = [sp.eigsh_smallest(w.double().cpu().numpy(), K) for w in W]
             evals = torch.from_numpy(np.stack([p[0] for p in pairs])).to(W.device, W.dtype)
