@@ -21,8 +21,10 @@ def crowded_graphs(B: int, P: int, seed: int, dim: int = 128) -> torch.Tensor:
     mean = torch.randn(1, 1, dim, generator=g, dtype=torch.float64)
     groups = torch.randn(B, 5, dim, generator=g, dtype=torch.float64)
     member = torch.randint(5, (B, P), generator=g)
-    feats = 3 * mean + groups.gather(1, member[..., None].expand(-1, -1, dim)) + torch.randn(
-        B, P, dim, generator=g, dtype=torch.float64
+    feats = (
+        3 * mean
+        + groups.gather(1, member[..., None].expand(-1, -1, dim))
+        + torch.randn(B, P, dim, generator=g, dtype=torch.float64)
     )
     return sp.feature_affinity(feats)
 
@@ -132,7 +134,9 @@ def test_dsm_krylov_solver_gives_the_lapack_segmentations():
     ims = []
     for n in range(3):
         keys = (dirs[regions] + 0.3 * torch.randn(h, w, dim, generator=g)).half()
-        ims.append(ImageFeatures(f"im{n}", keys, keys, torch.zeros(dim), torch.zeros(1, h, w), (h * 16, w * 16)))
+        ims.append(
+            ImageFeatures(f"im{n}", keys, keys, torch.zeros(dim), torch.zeros(1, h, w), (h * 16, w * 16))
+        )
     feats = FeatureSet(ims, "synthetic", 16, dim)
     common = dict(n_eigenvectors=10, n_segments=4, segment_vector="mean")
     dsm_k = DeepSpectral(eig_solver="krylov", **common)

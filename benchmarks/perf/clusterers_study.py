@@ -382,7 +382,9 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in d["rows"]:
             off = r.get("eigenvectors_off")
-            within = f"{100 * r['eigenvectors_within_1e-4']:.2f}%" + (f" ({r['eigenvectors'] - off} of {r['eigenvectors']})" if off is not None else "")
+            within = f"{100 * r['eigenvectors_within_1e-4']:.2f}%" + (
+                f" ({r['eigenvectors'] - off} of {r['eigenvectors']})" if off is not None else ""
+            )
             lines.append(f"| {r['solver']} | {r['ms_per_image']:.2f} | x{r['speedup_vs_eigsh']:.1f} | {r['max_eigenvalue_diff']:.1e} | "
                          f"{r['max_relative_residual']:.1e} | {within} | {r.get('max_eigenvector_diff', float('nan')):.1e} |")  # fmt: skip
         for r in d["rows"]:
