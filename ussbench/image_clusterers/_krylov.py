@@ -17,7 +17,7 @@ start comes from a CPU generator seeded by ``seed``, so a result is fixed by the
 stack too small for the basis, or an image whose Krylov space degenerates (fewer distinct eigenvalues than
 the basis needs) or does not converge, is solved densely instead. Accuracy and speed against scipy's eigsh are
 measured by ``benchmarks/perf/clusterers_study.py`` (section dsm_eigs); most of DSM's 20 eigenvalues sit in
-a cluster near 1 with gaps down to 1e-5, which a too small basis leaves unresolved (see KRYLOV_BLOCK).
+a cluster near 1 with gaps down to 1e-6, which a too small basis leaves unresolved (see KRYLOV_BLOCK).
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ def krylov_smallest(
     (P < 1 + block * (steps + 1)) and for the images whose basis degenerates or whose Ritz residuals exceed
     ``tol`` (a spectrum the basis cannot resolve).
     """
-
     if W.ndim != 3 or W.shape[-1] != W.shape[-2]:
         raise ValueError(f"expected a (B, P, P) stack of affinities, got shape {tuple(W.shape)}")
     B, P, _ = W.shape
