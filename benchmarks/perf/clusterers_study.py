@@ -343,7 +343,9 @@ def eig_table(d: dict[str, Any], dataset: str) -> list[str]:
              "of its non-constant eigenvectors agree within 1e-4.", "",
              "Each solver gets the affinities in the dtype DSM builds them in for it (float64; float32 for the "
              "`_fp32` rows, the Krylov solver's `eig_dtype=\"auto\"`). Eigenvectors are compared up to sign "
-             "(normalised v^T D v = 1; largest entry difference).", "",
+             "(normalised v^T D v = 1; largest entry difference). The residual column is |(D - W) v - lam D v| / |D^1/2 v| "
+             "on the float64 W (float32 solvers carry W's rounding in it); the Krylov solver's tol applies to its "
+             "Lanczos residual estimate on the float32 problem.", "",
              "| solver | ms/image | speed-up vs eigsh | max eigenvalue diff | max relative residual | eigenvectors within 1e-4 of eigsh | largest eigenvector diff |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in d["rows"]:

@@ -6,14 +6,16 @@ stack at once, as batched matrix products):
 
 1. start block: u0 = D^1/2 1 / |.| (A's exact top eigenvector, eigenvalue 1) and ``block`` random columns,
 2. ``steps`` block-Lanczos steps: Z = A Q_i, orthogonalised against the whole basis twice (classical
-   Gram-Schmidt, twice is enough) and normalised by Cholesky QR twice (Gram matrices in float64);
+   Gram-Schmidt, twice is enough; once for the last block, whose remainder only gives the residual
+   estimate) and normalised by Cholesky QR twice (Gram matrices in float64);
    A's projection H = V^T A V is filled from the same coefficients, so the basis is multiplied by A once,
 3. Rayleigh-Ritz: the k largest eigenpairs of H (float64, the batch split over threads on a CPU, where one
    LAPACK call per image runs on one core), Ritz vectors u = V y, v = D^-1/2 u (so v^T D v = 1),
 4. a convergence check: images with a Ritz residual above ``tol`` are solved densely instead.
 
 The products with W (the only O(P^2) work) run in W's dtype (float32 in DSM's krylov path); the random
-start comes from a CPU generator seeded by ``seed``, so a result is fixed by the seed on any device. A
+start comes from a CPU generator seeded by ``seed``, so the start is the same on any device (float32
+arithmetic still differs between a CPU and a GPU). A
 stack too small for the basis, or an image whose Krylov space degenerates (fewer distinct eigenvalues than
 the basis needs) or does not converge, is solved densely instead. Accuracy and speed against scipy's eigsh are
 measured by ``benchmarks/perf/clusterers_study.py`` (section dsm_eigs); most of DSM's 20 eigenvalues sit in
