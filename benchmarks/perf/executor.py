@@ -8,8 +8,8 @@ plugin module) on a tiny synthetic dataset: execution seconds of both executors,
 Ray task. ``simulate``: the study grid on N GPUs, list-scheduled from per-stage seconds measured in the
 README grid's cell records (CPU-measured: the table shows how wall time scales with N, not GPU seconds).
 
-    /work/bin/cpujob --both .venv/bin/python benchmarks/perf/executor.py readme --cache-dir C [--json F]
-    /work/bin/cpujob --both .venv/bin/python benchmarks/perf/executor.py overhead [--cells 1000]
+    scripts/cpujob --both .venv/bin/python benchmarks/perf/executor.py readme --cache-dir C [--json F]
+    scripts/cpujob --both .venv/bin/python benchmarks/perf/executor.py overhead [--cells 1000]
     .venv/bin/python benchmarks/perf/executor.py simulate --records reports/msrc/cells [--gpus 1 2 4 8 16]
 """
 

@@ -17,7 +17,7 @@ slows rounds down, so the best round is the closest to the machine's speed); the
 the first ``--limit`` images (0: all) of mixed shapes, as a grid run sees them.
 
 Targets (issue 16): ussbench fp32 >= 0.95x plain fp32; ussbench auto >= 2x plain fp32 where the CPU has
-bf16. Run with both cores free: ``/work/bin/cpujob --both .venv/bin/python benchmarks/perf/extract.py``.
+bf16. Run with both cores free: ``scripts/cpujob --both .venv/bin/python benchmarks/perf/extract.py``.
 
     python benchmarks/perf/extract.py [--rounds 6] [--limit 0] [--dataset msrc_v2|camvid] [--json F]
 """

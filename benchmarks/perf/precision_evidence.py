@@ -7,7 +7,7 @@ percentile, minimum), the CLS cosine and the CLS-attention L1 distance; the extr
 precision; and the mIoU of each precision (mean +- std over seeds) with the per-seed paired difference,
 against the seed spread.
 
-    /work/bin/cpujob --both .venv/bin/python benchmarks/perf/precision_evidence.py
+    scripts/cpujob --both .venv/bin/python benchmarks/perf/precision_evidence.py
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ model (FLOPs or bytes, see ``ussbench/reports/profile.py``), the achieved rate a
 limit; ``--per-cell`` adds one line per computed stage. Writes ``profile.json`` into the report folder, so
 the leaderboard's footer shows the same table.
 
-    /work/bin/cpujob --both .venv/bin/python benchmarks/perf/profile_grid.py --grid benchmarks/msrc_grid.yaml \\
+    scripts/cpujob --both .venv/bin/python benchmarks/perf/profile_grid.py --grid benchmarks/msrc_grid.yaml \\
         --run --output .cache/profile/msrc --cache-dir .cache/profile/cache
 """
 
