@@ -12,6 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
+import ussbench  # noqa: F401  (sets MKL_CBWR before any torch product runs; see ussbench/__init__.py)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"  # shipped in the repo: tests never depend on a folder outside the clone
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -118,3 +122,52 @@ def test_trained_image_clusterers_learn_the_same_weights_with_1_or_2_threads(nam
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_gemm_with_a_long_inner_dimension_does_not_depend_on_the_thread_count(restore_threads):
+    """A linear layer's weight gradient over 3,546 rows (ACG's prototype side): MKL split its inner dimension
+    over threads on an Intel Xeon with AMX (results differing in the last bits) until ``import ussbench`` put
+    MKL in strict CNR mode."""
+    torch.manual_seed(0)
+    grad_out, inputs = torch.randn(3546, 1536), torch.randn(3546, 384)
+    products = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        products.append(grad_out.t() @ inputs)
+    assert torch.equal(products[0], products[1])
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_importing_ussbench_after_torch_puts_mkl_in_strict_mode():
+    res = _python(
+        "import torch, ussbench, os\n"
+        "from ussbench.determinism import mkl_strict_reproducibility\n"
+        "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+        "print(os.environ['MKL_CBWR'], mkl_strict_reproducibility())"
+    )
+    assert res.returncode == 0, res.stderr
+    setting, strict = res.stdout.split()
+    assert setting == "AUTO,STRICT"
+    if strict == "None":
+        pytest.skip("this torch build carries no MKL")
+    assert strict == "True"
+
+
+def test_a_run_warns_when_mkl_ran_before_ussbench_was_imported():
+    res = _python(
+        "import torch\n"
+        "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+        "from ussbench.determinism import mkl_strict_reproducibility\n"
+        "from ussbench.threads import configure_threads\n"
+        "print(mkl_strict_reproducibility())\n"
+        "configure_threads(2)"
+    )
+    assert res.returncode == 0, res.stderr
+    if res.stdout.split()[0] == "None":
+        pytest.skip("this torch build carries no MKL")
+    assert res.stdout.split()[0] == "False"
+    assert "MKL_CBWR" in res.stderr and "thread count" in res.stderr

@@ -63,11 +63,14 @@ def test_plan_has_the_requested_marginals():
 
 def test_equal_cluster_mass_splits_an_oversized_blob():
     """k-means keeps a 3x larger blob whole; OT with equal masses must give every cluster N/k points."""
-    X, _ = blobs([150, 50, 50, 50], seed=3)
+    X, blob = blobs([150, 50, 50, 50], seed=3)
     otc = OTClusterer(4, seed=0, n_iter=100, sinkhorn_iter=20).fit(X)
     torch.testing.assert_close(otc.cluster_mass_, torch.full((4,), 75.0), atol=0.5, rtol=0)
-    sizes = torch.bincount(otc.labels_, minlength=4)  # hard argmax: close to, not exactly, 75 each
-    assert sizes.min() >= 60 and sizes.max() <= 90, sizes
+    # Hard labels: the big blob is cut in two. Where the cut falls inside one Gaussian blob is decided by
+    # near-equal plan rows, so its counts move with the last float bits (seed 0: 53 / 97 on an Intel Xeon,
+    # within 60-90 on an AMD EPYC; seeds 0-23 on the Xeon: the smaller part 37-74 points).
+    shares = torch.bincount(otc.labels_[torch.as_tensor(blob) == 0], minlength=4).sort(descending=True).values
+    assert shares[0] <= 125 and shares[1] >= 30, shares
 
 
 def test_non_convergence_is_logged(caplog):

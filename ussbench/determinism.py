@@ -19,6 +19,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+_MKL_CBWR_ALL, _MKL_CBWR_STRICT = -1, 0x10000
+
+
+def mkl_strict_reproducibility() -> bool | None:
+    """Whether torch's MKL runs in strict CNR mode (GEMM results independent of the thread count; set by
+    ``import ussbench`` through ``MKL_CBWR`` before MKL's first call). None when torch carries no MKL."""
+    import ctypes
+    import os
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.c_int
+    return bool(get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)
+
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .determinism import mkl_strict_reproducibility
+
 log = logging.getLogger(__name__)
 
 ENV_THREADS = "USSBENCH_THREADS"
@@ -89,6 +91,13 @@ def configure_threads(threads: int | None = None, device: str = "cpu") -> dict[s
     except (ImportError, AttributeError):
         pass
     _size_native_pools(n)
+    if n > 1 and mkl_strict_reproducibility() is False:
+        log.warning(
+            "MKL_CBWR=%r is not in MKL's strict mode (MKL had run before ussbench was imported?): trained "
+            "clusterers and learners may depend on the thread count; import ussbench first or set "
+            "MKL_CBWR=AUTO,STRICT",
+            os.environ.get("MKL_CBWR"),
+        )
     return thread_record(device)
 
 
