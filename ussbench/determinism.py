@@ -13,6 +13,7 @@ inference (no grad) use torch's modules unchanged.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -26,7 +27,6 @@ def mkl_strict_reproducibility() -> bool | None:
     """Whether torch's MKL runs in strict CNR mode (GEMM results independent of the thread count; set by
     ``import ussbench`` through ``MKL_CBWR`` before MKL's first call). None when torch carries no MKL."""
     import ctypes
-    import os
 
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
@@ -35,6 +35,36 @@ def mkl_strict_reproducibility() -> bool | None:
         return None
     get.restype = ctypes.c_int
     return bool(get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)
+
+
+_ONEDNN_BELOW_AMX = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+)
+
+
+def onednn_uses_amx() -> bool:
+    """Whether torch's bf16 products run on oneDNN's AMX kernels here (an AMX CPU, ONEDNN_MAX_CPU_ISA not capping
+    below it). Those kernels split a product's inner dimension by thread count, so bf16 *training* is not
+    thread-invariant on such CPUs (measured on an Intel Xeon, 2026-12-01; see docs/reproducibility.md)."""
+    from .cpuinfo import cpu_flag_set
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "amx_bf16" in cpu_flag_set() and cap not in _ONEDNN_BELOW_AMX
+
+
+def rowvec_linear(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ v + bias`` for one vector v (K,), computed as a one-row matrix product: ``weight @ v`` goes to
+    BLAS's gemv, whose transposed form (the backward) MKL splits over threads (on an Intel Xeon v's gradient
+    differed with 1 and 2 threads); a GEMM in MKL's strict mode does not."""
+    return F.linear(v[None], weight, bias)[0]
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ attention forward + backward on 64 images, 2 cores; 47.7 ms without fastmath).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -21,6 +23,15 @@ except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
 FASTMATH = frozenset({"reassoc", "contract"})
+
+# numba's parallel loops run on its own 'workqueue' pool, not on OpenMP: with the 'omp' layer (numba's default
+# where an OpenMP runtime is found) numba and torch share one OpenMP runtime, and on an Intel Xeon (2026-12-01)
+# an ACG fit then gave different weights from the same fit run earlier in the same process (fp32 and bf16; not
+# with 'workqueue', nor without the numba kernels), so a cell's result depended on what ran before it. The
+# kernels parallelise over images, which any pool does equally well (measured: no slower). A user's
+# NUMBA_THREADING_LAYER wins; the setting only takes effect before numba's first parallel call.
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 def match_torch_threads() -> None:

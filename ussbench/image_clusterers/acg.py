@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
 from ..dataset_clusterers._common import autocast, resolve_precision
 from ..determinism import ThreadInvariantLayerNorm as LayerNorm  # same numbers with 1 or N threads
+from ..determinism import rowvec_linear
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import dense_matrix, pick_feature, plugin_device, relabel_consecutive, require
@@ -144,7 +145,7 @@ class ConceptGenerator(nn.Module):
         d = C // h
         gamma = self.memory_norm.weight
         w_k, w_v = self.kv.weight[:C].reshape(h, d, C), self.kv.weight[C:].reshape(h, d, C)
-        value_bias = self.kv.weight[C:] @ self.memory_norm.bias + self.kv.bias[C:]  # (C,)
+        value_bias = rowvec_linear(self.memory_norm.bias, self.kv.weight[C:], self.kv.bias[C:])  # (C,)
         p = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for step in self.steps:
             N = p.shape[1]
@@ -152,9 +153,9 @@ class ConceptGenerator(nn.Module):
             w_q = step.q.weight.reshape(h, d, C)
             scale = gamma / math.sqrt(d)
             fold_q = torch.einsum("hdi,hdj->hij", w_q, w_k) * scale  # (h, C_in, C)
-            bias_q = torch.einsum("hd,hdj->hj", step.q.bias.reshape(h, d), w_k) * scale
+            bias_q = torch.einsum("hxd,hdj->hxj", step.q.bias.reshape(h, 1, d), w_k)[:, 0] * scale  # (h, C)
             fold_o = torch.einsum("ohd,hdj->hjo", step.out.weight.reshape(C, h, d), w_v * gamma)
-            const = step.out(value_bias)
+            const = rowvec_linear(value_bias, step.out.weight, step.out.bias)
             with autocast(x_hat.device, self.precision):  # prototype side: O(N C^2) per image
                 q = torch.einsum("bni,hij->bhnj", p, fold_q)
             q = q.float() + bias_q[None, :, None, :]
