@@ -147,3 +147,19 @@ def test_at_equal_seconds_the_cell_that_computed_a_shared_stage_stands_for_it():
     for order in ([reused, computed], [computed, reused]):
         feat = next(r for r in profile_records(order, limits) if r["stage"] == "features")
         assert "cached" not in feat and feat["cell_id"] == "c2" and feat["rate"] == 10.0
+
+
+def test_limits_measured_on_another_cpu_are_not_applied(tmp_path):
+    """A report rebuilt on another machine kept the committed profile.json (AMD limits, its wall clock) under
+    Intel cells; the footer now says so instead of dividing these cells' seconds by another CPU's limits."""
+    limits = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "bandwidth_gbs": 10.0,
+              "machine": "AMD EPYC, 2 usable CPUs (avx2), torch 2 with 2 threads, no GPU"}  # fmt: skip
+    write_profile(tmp_path, limits, {"wall_s": 371.8})
+    cells = [cell("c1", "km", "k-means", 0)]
+    cells[0]["row"]["cpu_model"] = "Intel(R) Xeon(R) Processor"
+    footer = profile_footer(tmp_path, cells)
+    assert "measured on another CPU (AMD EPYC)" in footer
+    assert "fp32 matmul" not in footer and "371.8" not in footer
+    cells[0]["row"]["cpu_model"] = "AMD EPYC"
+    footer = profile_footer(tmp_path, cells)
+    assert "fp32 matmul 100 GFLOP/s" in footer and "371.8" in footer

@@ -179,7 +179,8 @@ class AdaptiveConceptGenerator(ImageClusterer):
     # 2: centre_features; 3: batches mix image sizes (zero-padded), precision (bf16 where native);
     # 4: thread-invariant LayerNorm gradients (core's ussbench.determinism);
     # 5: numba kernels with fastmath {reassoc, contract}: compiled and cache-loaded kernels agree (_jit.py)
-    version = "5"
+    # 6: vector products as one-row GEMMs, numba on its workqueue pool (thread- and history-invariant on Intel)
+    version = "6"
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
     def __init__(

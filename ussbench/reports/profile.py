@@ -363,10 +363,23 @@ def write_profile(output: Path, limits: dict[str, Any], extra: dict[str, Any] | 
     return path
 
 
+def _measured_elsewhere(saved: dict[str, Any], cells: list[dict[str, Any]]) -> str | None:
+    """The CPU a saved profile was measured on, when the cells ran on another one (None when they match or
+    either is unknown)."""
+    machine = (saved.get("limits") or {}).get("machine")
+    models = {c["row"].get("cpu_model") for c in cells if c.get("row", {}).get("cpu_model")}
+    if not machine or not models or any(machine.startswith(m) for m in models):
+        return None
+    return machine.split(",")[0]
+
+
 def profile_footer(output: Path, cells: list[dict[str, Any]]) -> str:
     """The report footer: where the cells' time went, per stage, against the machine's measured limits."""
     path = Path(output) / PROFILE_FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
+    other_machine = _measured_elsewhere(saved, cells)
+    if other_machine:  # the limits and wall clock describe another CPU: no fractions against them
+        saved = {}
     limits = saved.get("limits")
     summary = summarise(profile_records(cells, limits))
     if not summary:
@@ -377,6 +390,11 @@ def profile_footer(output: Path, cells: list[dict[str, Any]]) -> str:
             f"Measured on {limits.get('machine', '?')}: fp32 matmul {limits['fp32_gflops']:.0f} GFLOP/s, bf16 "
             f"{limits['bf16_gflops']:.0f} GFLOP/s, copy {limits['bandwidth_gbs']:.1f} GB/s "
             f"(`benchmarks/perf/profile_grid.py`)."
+        )
+    elif other_machine:
+        lines.append(
+            f"The folder's `{PROFILE_FILE}` was measured on another CPU ({other_machine}); its limits are not "
+            "applied to these cells: run `benchmarks/perf/profile_grid.py` here for fractions."
         )
     else:
         lines.append(
