@@ -28,8 +28,9 @@ FASTMATH = frozenset({"reassoc", "contract"})
 # where an OpenMP runtime is found) numba and torch share one OpenMP runtime, and on an Intel Xeon (2026-12-01)
 # an ACG fit then gave different weights from the same fit run earlier in the same process (fp32 and bf16; not
 # with 'workqueue', nor without the numba kernels), so a cell's result depended on what ran before it. The
-# kernels parallelise over images, which any pool does equally well (measured: no slower). A user's
-# NUMBA_THREADING_LAYER wins; the setting only takes effect before numba's first parallel call.
+# kernels parallelise over images; the ACG study preset ran about 15% slower on this pool (median of 3 runs
+# each, docs/reproducibility.md). A user's NUMBA_THREADING_LAYER wins; it takes effect before the first parallel
+# call only.
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
