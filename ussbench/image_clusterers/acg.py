@@ -145,6 +145,7 @@ class ConceptGenerator(nn.Module):
         d = C // h
         gamma = self.memory_norm.weight
         w_k, w_v = self.kv.weight[:C].reshape(h, d, C), self.kv.weight[C:].reshape(h, d, C)
+        # one-row product, not `kv.weight[C:] @ bias`: MKL's gemv backward splits its sum over threads (Xeon)
         value_bias = rowvec_linear(self.memory_norm.bias, self.kv.weight[C:], self.kv.bias[C:])  # (C,)
         p = self.prototypes.unsqueeze(0).expand(B, -1, -1)
         for step in self.steps:
@@ -153,9 +154,9 @@ class ConceptGenerator(nn.Module):
             w_q = step.q.weight.reshape(h, d, C)
             scale = gamma / math.sqrt(d)
             fold_q = torch.einsum("hdi,hdj->hij", w_q, w_k) * scale  # (h, C_in, C)
-            bias_q = torch.einsum("hxd,hdj->hxj", step.q.bias.reshape(h, 1, d), w_k)[:, 0] * scale  # (h, C)
+            bias_q = torch.einsum("hd,hdj->hj", step.q.bias.reshape(h, d), w_k) * scale
             fold_o = torch.einsum("ohd,hdj->hjo", step.out.weight.reshape(C, h, d), w_v * gamma)
-            const = rowvec_linear(value_bias, step.out.weight, step.out.bias)
+            const = step.out(value_bias)
             with autocast(x_hat.device, self.precision):  # prototype side: O(N C^2) per image
                 q = torch.einsum("bni,hij->bhnj", p, fold_q)
             q = q.float() + bias_q[None, :, None, :]
@@ -179,7 +180,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
     # 2: centre_features; 3: batches mix image sizes (zero-padded), precision (bf16 where native);
     # 4: thread-invariant LayerNorm gradients (core's ussbench.determinism);
     # 5: numba kernels with fastmath {reassoc, contract}: compiled and cache-loaded kernels agree (_jit.py)
-    # 6: vector products as one-row GEMMs, numba on its workqueue pool (thread- and history-invariant on Intel)
+    # 6: the value bias as a one-row GEMM, numba on its workqueue pool (thread- and history-invariant on Intel)
     version = "6"
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose
