@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from ussbench.image_clusterers import _modularity, _pixel_attention
-from ussbench.image_clusterers.acg import ConceptGenerator, self_attention
+from ussbench.image_clusterers.acg import (
+    ConceptGenerator,
+    folded_self_attention,
+    self_attention,
+    self_attention_folds,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +49,20 @@ def test_self_attention_equals_multihead_attention():
     torch.testing.assert_close(
         self_attention(p, mha), mha(p, p, p, need_weights=False)[0], atol=1e-5, rtol=1e-5
     )
+
+
+def test_folded_self_attention_equals_the_four_projections_in_value_and_gradient():
+    mha = _randomised(torch.nn.MultiheadAttention(12, 1, batch_first=True), 5)
+    p = torch.randn(5, 6, 12, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    folded = folded_self_attention(p, self_attention_folds(mha))
+    direct = mha(p, p, p, need_weights=False)[0]
+    torch.testing.assert_close(folded, direct, atol=1e-5, rtol=1e-5)
+    w = torch.randn(direct.shape, generator=torch.Generator().manual_seed(7))
+    grads = [torch.autograd.grad((out * w).sum(), [p, *mha.parameters()]) for out in (folded, direct)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # several heads: folding would cost more than it saves, so there is none
+    assert self_attention_folds(torch.nn.MultiheadAttention(12, 3, batch_first=True)) is None
 
 
 @pytest.mark.skipif(_pixel_attention.numba is None, reason="numba not installed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import timm
@@ -115,6 +117,11 @@ def test_precision_resolution_and_cache_identity(monkeypatch):
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda native=native: native)
         assert prec.resolve_precision("auto", torch.device("cpu")) == expected
+        # an explicit bf16 is kept; where the CPU would emulate it, with a warning naming the plugin
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert prec.resolve_precision("bf16", "cpu", "acg") == "bf16"
+        assert [str(w.message).split(":")[0] for w in caught] == ([] if native else ["acg"])
     with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16; got 'fp16'"):
         prec.resolve_precision("fp16", "cpu")
     with pytest.raises(ConfigError, match="'half'"):

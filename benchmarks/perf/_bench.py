@@ -26,8 +26,8 @@ BASELINE_REV = "b010118"  # main before issue 14 (the implementation the issue m
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, torch threads, native bf16, library versions."""
+    from ussbench.backbones.precision import cpu_has_native_bf16
     from ussbench.cpuinfo import cpu_model
-    from ussbench.dataset_clusterers._common import cpu_has_native_bf16
 
     cpu = cpu_model()
     import os
@@ -68,7 +68,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 5, device: st
 
 def peaks() -> dict[str, float]:
     """The machine's measured fp32 and bf16 matmul GFLOP/s (bf16 only where it is native)."""
-    from ussbench.dataset_clusterers._common import cpu_has_native_bf16
+    from ussbench.backbones.precision import cpu_has_native_bf16
 
     out = {"fp32": matmul_gflops(torch.float32)}
     if cpu_has_native_bf16():

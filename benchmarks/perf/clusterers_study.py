@@ -40,16 +40,20 @@ SECTIONS = ("kmeans", "otc", "abc", "acg", "dsm_eigs", "crop_cls", "hsg")
 
 
 # -- arithmetic (FLOPs, multiply-add = 2) -------------------------------------------------------------------
-def acg_epoch_flops(groups: list[tuple[int, int]], C: int, N: int, rounds: int, ffn: int) -> float:
+def acg_epoch_flops(
+    groups: list[tuple[int, int]], C: int, N: int, rounds: int, ffn: int, mix_folded: bool = True
+) -> float:
     """Training FLOPs of one ACG epoch: per image and round the prototype side (q / output folds, self-
-    attention in/out, FFN) on N rows and the two pixel products (N x C x P), x3 for forward + backward; plus
-    the per-step C x C folds."""
+    attention, FFN) on N rows and the two pixel products (N x C x P), x3 for forward + backward; plus the
+    per-step C x C folds. The self-attention costs 2 C^2 per prototype folded (one head, ACG version 7) and
+    4 C^2 unfolded (q, k, v, out)."""
     total = 0.0
+    mix = (2 if mix_folded else 4) * C * C
     for n_images, P in groups:
-        proto = N * (C * C + C * C + 4 * C * C + 2 * C * ffn) * 2
+        proto = N * (C * C + C * C + mix + 2 * C * ffn) * 2
         pixels = 2 * (N * P * C) * 2
         total += 3 * n_images * rounds * (proto + pixels)
-        total += 3 * rounds * 2 * (2 * C**3)  # folds, once per step (one step per group here)
+        total += 3 * rounds * (2 + 2 * mix_folded) * (2 * C**3)  # folds, once per step (one step per group)
     return total
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones import precision as _precision
+from ..backbones.precision import PRECISIONS
 from ..errors import ConfigError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -262,32 +264,11 @@ def l2_normalise(X: torch.Tensor) -> torch.Tensor:
     return F.normalize(X, dim=1, eps=ZERO_NORM)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where oneDNN runs bf16
-    matmuls natively; elsewhere bf16 on the CPU is emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def resolve_precision(precision: str, device: torch.device, who: str) -> str:
     """'fp32' or 'bf16' for a plugin's ``precision``: 'auto' is bf16 on CUDA GPUs that support it and on CPUs
-    with native bf16 instructions, else fp32."""
+    with native bf16 instructions, else fp32 (the backbones' rule, ``ussbench.backbones.precision``)."""
     check_choice(who, "precision", precision, PRECISIONS)
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return _precision.resolve_precision(precision, device, who)
 
 
 def autocast(device: torch.device, precision: str):

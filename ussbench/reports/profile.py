@@ -144,11 +144,13 @@ def _image_clusterer(row: dict[str, Any], cell: dict[str, Any]) -> Work | None:
             note += "; crop-CLS forwards not counted"
         return Work(flops / 1e9, "GFLOP", "<=", note)
     if name == "acg" and row.get("n_images"):
-        # per image and round: the prototype side (q/out folds, self-attention in/out, FFN) on N prototypes and
-        # the two pixel products (P x C x N); x3 for forward + backward over the epochs, plus one predict pass
+        # per image and round: the prototype side (q/out folds, self-attention, FFN) on N prototypes and the two
+        # pixel products (P x C x N); x3 for forward + backward over the epochs, plus one predict pass. One
+        # head's self-attention is folded to 2 d^2 per prototype (ACG version 7), several heads' cost 4 d^2.
         N, rounds = p.get("n_prototypes", 6), p.get("n_rounds", 6)
         ffn, epochs = int(d * p.get("ffn_ratio", 4.0)), p.get("epochs", 10)
-        per_pass = rounds * (row["n_images"] * N * (6 * d * d + 2 * d * ffn) * 2 + 4 * N * d * n)
+        mix = 2 if p.get("n_heads", 1) == 1 else 4
+        per_pass = rounds * (row["n_images"] * N * ((2 + mix) * d * d + 2 * d * ffn) * 2 + 4 * N * d * n)
         low = p.get("precision", "auto") != "fp32"
         return Work((3 * epochs + 1) * per_pass / 1e9, "GFLOP", "~", f"{epochs} epochs (x3) + predict", low)
     if name == "hsg_groups":
