@@ -158,8 +158,25 @@ def test_limits_measured_on_another_cpu_are_not_applied(tmp_path):
     cells = [cell("c1", "km", "k-means", 0)]
     cells[0]["row"]["cpu_model"] = "Intel(R) Xeon(R) Processor"
     footer = profile_footer(tmp_path, cells)
-    assert "measured on another CPU (AMD EPYC)" in footer
+    assert "measured on another CPU (AMD EPYC with avx2)" in footer
     assert "fp32 matmul" not in footer and "371.8" not in footer
     cells[0]["row"]["cpu_model"] = "AMD EPYC"
     footer = profile_footer(tmp_path, cells)
     assert "fp32 matmul 100 GFLOP/s" in footer and "371.8" in footer
+    cells[0]["row"]["cpu_isa"] = "avx2 fma"  # the same model and matmul flags (fma is not compared)
+    assert "fp32 matmul 100 GFLOP/s" in profile_footer(tmp_path, cells)
+
+
+def test_limits_of_another_cpu_with_the_same_model_name_are_not_applied(tmp_path):
+    """Both an AVX2-only EPYC (Zen 3) and an AVX512-BF16 one (Zen 4) call themselves "AMD EPYC": the committed
+    README report's footer showed the Zen 4's limits under cells run on the Zen 3. The ISA tells them apart."""
+    limits = {"fp32_gflops": 110.0, "bf16_gflops": 400.0, "bandwidth_gbs": 27.0,
+              "machine": "AMD EPYC, 2 usable CPUs (avx2 avx512f avx512_bf16), torch 2 with 2 threads, no GPU"}  # fmt: skip
+    write_profile(tmp_path, limits, {"wall_s": 371.8})
+    cells = [cell("c1", "km", "k-means", 0)]
+    cells[0]["row"] |= {"cpu_model": "AMD EPYC", "cpu_isa": "avx2 fma"}
+    footer = profile_footer(tmp_path, cells)
+    assert "measured on another CPU (AMD EPYC with avx2 avx512_bf16 avx512f)" in footer
+    assert "fp32 matmul" not in footer and "371.8" not in footer
+    cells[0]["row"]["cpu_isa"] = "avx2 fma avx512f avx512_bf16 avx512_vnni"
+    assert "fp32 matmul 110 GFLOP/s" in profile_footer(tmp_path, cells)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,14 +366,27 @@ def write_profile(output: Path, limits: dict[str, Any], extra: dict[str, Any] | 
     return path
 
 
+# the flags cpu_flags() lists in a profile's machine string; a cell's cpu_isa holds more, compared on these
+_MATMUL_FLAGS = frozenset(("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+
+
 def _measured_elsewhere(saved: dict[str, Any], cells: list[dict[str, Any]]) -> str | None:
     """The CPU a saved profile was measured on, when the cells ran on another one (None when they match or
-    either is unknown)."""
+    either is unknown). Model names alone do not tell two CPUs apart (an AVX2-only and an AVX512-BF16 EPYC
+    both say "AMD EPYC"), so the matmul ISA flags are compared too."""
     machine = (saved.get("limits") or {}).get("machine")
-    models = {c["row"].get("cpu_model") for c in cells if c.get("row", {}).get("cpu_model")}
-    if not machine or not models or any(machine.startswith(m) for m in models):
+    rows = [c["row"] for c in cells if c.get("row", {}).get("cpu_model")]
+    if not machine or not rows:
         return None
-    return machine.split(",")[0]
+    flags = re.search(r"\(([^)]*)\)", machine)
+    profiled = frozenset(flags.group(1).split()) & _MATMUL_FLAGS if flags else None
+    for row in rows:
+        same_model = machine.startswith(row["cpu_model"])
+        isa = row.get("cpu_isa")
+        same_isa = profiled is None or isa is None or frozenset(isa.split()) & _MATMUL_FLAGS == profiled
+        if same_model and same_isa:
+            return None
+    return machine.split(",")[0] + (f" with {' '.join(sorted(profiled))}" if profiled else "")
 
 
 def profile_footer(output: Path, cells: list[dict[str, Any]]) -> str:
