@@ -222,7 +222,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
     # 4: thread-invariant LayerNorm gradients (core's ussbench.determinism);
     # 5: numba kernels with fastmath {reassoc, contract}: compiled and cache-loaded kernels agree (_jit.py)
     # 6: the value bias as a one-row GEMM, numba on its workqueue pool (thread- and history-invariant on Intel)
-    # 7: one head's self-attention folded into two C x C products (self_attention_folds): 12% fewer FLOPs
+    # 7: one head's self-attention folded into two C x C products (self_attention_folds): 11% fewer FLOPs
     version = "7"
 
     # explicit signature (registry reads it); the segment-vector parameters repeat DSM's on purpose

@@ -18,8 +18,11 @@ import torch
 from ..cpuinfo import cpu_flag_set, cpu_model
 from ..threads import available_cpus
 
+# the vector ISA extensions that matter for matmul speed, as a machine string lists them
+MATMUL_FLAGS: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
-def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")) -> list[str]:
+
+def cpu_flags(wanted: tuple[str, ...] = MATMUL_FLAGS) -> list[str]:
     """Which of the vector ISA extensions that matter for matmul speed this CPU has."""
     have = cpu_flag_set()
     return [flag for flag in wanted if flag in have]

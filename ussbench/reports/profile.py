@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from .machine_limits import MATMUL_FLAGS
+
 PROFILE_FILE = "profile.json"
 REUSED_FLAGS = {
     "features": "features_reused",
@@ -366,8 +368,8 @@ def write_profile(output: Path, limits: dict[str, Any], extra: dict[str, Any] | 
     return path
 
 
-# the flags cpu_flags() lists in a profile's machine string; a cell's cpu_isa holds more, compared on these
-_MATMUL_FLAGS = frozenset(("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+# a profile's machine string lists these flags; a cell's cpu_isa holds more, compared on these
+_MATMUL_FLAGS = frozenset(MATMUL_FLAGS)
 
 
 def _measured_elsewhere(saved: dict[str, Any], cells: list[dict[str, Any]]) -> str | None:
