@@ -85,12 +85,18 @@ def test_max_intensity_kernel_equals_the_torch_path():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, 29, 8, generator=g)
     graph = _modularity.modularity_graph(x)
-    S = torch.rand(3, 29, 5, generator=g)
-    q_fast, h_fast = _modularity._max_intensity_numba(S, graph)
-    q_ref, h_ref = _modularity._max_intensity_torch(S, graph)
+    St = torch.rand(3, 5, 29, generator=g)  # concept-major (B, N, P)
+    q_fast, h_fast = _modularity._max_intensity_numba(St, graph)
+    q_ref, h_ref = _modularity._max_intensity_torch(St, graph)
     torch.testing.assert_close(q_fast, q_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(h_fast, h_ref, atol=1e-6, rtol=1e-5)
     assert q_ref.abs().min() > 1e-4  # a non-trivial value
+    # H is half the gradient of q, by autograd through the (N, P, P) products
+    S = St.clone().requires_grad_()
+    q_auto = (graph * (S.unsqueeze(3) * S.unsqueeze(2)).amax(1)).sum((1, 2))
+    q_auto.sum().backward()
+    torch.testing.assert_close(q_auto.detach(), q_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(S.grad, 2 * h_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_modularity_from_a_precomputed_graph_matches_the_loss():

@@ -80,46 +80,48 @@ if numba is not None:
 
 
 def _max_intensity_numba(
-    S: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None = None
+    St: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    St = np.ascontiguousarray(S.detach().float().transpose(1, 2).cpu().numpy())
+    """q (B,) and H (B, N, P) for concept-major St (B, N, P), the kernel's own layout (no transposes)."""
+    Sn = np.ascontiguousarray(St.detach().float().cpu().numpy())
     Gn = np.ascontiguousarray(G.detach().float().cpu().numpy())
     if lengths is None:
-        ln = np.full(St.shape[0], St.shape[2], dtype=np.int64)
+        ln = np.full(Sn.shape[0], Sn.shape[2], dtype=np.int64)
     else:
         ln = np.ascontiguousarray(lengths.cpu().numpy().astype(np.int64))
-    H = np.empty_like(St)
-    q = np.empty(St.shape[0], dtype=np.float64)
+    H = np.empty_like(Sn)
+    q = np.empty(Sn.shape[0], dtype=np.float64)
     match_torch_threads()
-    _max_intensity_kernel(St, Gn, ln, H, q)
-    dev = S.device
-    return torch.from_numpy(q).to(dev, S.dtype), torch.from_numpy(H).transpose(1, 2).to(dev, S.dtype)
+    _max_intensity_kernel(Sn, Gn, ln, H, q)
+    dev = St.device
+    return torch.from_numpy(q).to(dev, St.dtype), torch.from_numpy(H).to(dev, St.dtype)
 
 
 def _max_intensity_torch(
-    S: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None = None
+    St: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same q and H image by image with (P, P, N) tensors (GPU, or CPU without numba); padded pixels
-    (zero rows of G) contribute nothing, so lengths only saves work in the kernel."""
-    q = S.new_zeros(S.shape[0])
-    H = torch.zeros_like(S)
-    for b in range(S.shape[0]):
-        best, arg = (S[b].unsqueeze(1) * S[b].unsqueeze(0)).max(-1)  # (P, P): max_n S_in S_jn, its n
+    """The same q and H (B, N, P) image by image with (N, P, P) tensors (GPU, or CPU without numba); padded
+    pixels (zero rows of G) contribute nothing, so lengths only saves work in the kernel."""
+    q = St.new_zeros(St.shape[0])
+    H = torch.zeros_like(St)
+    for b in range(St.shape[0]):
+        best, arg = (St[b].unsqueeze(2) * St[b].unsqueeze(1)).max(0)  # (P, P): max_n S_in S_jn, its n
         q[b] = (G[b] * best).sum()
-        s_j = S[b].unsqueeze(0).expand(arg.shape[0], -1, -1).gather(2, arg.unsqueeze(-1)).squeeze(-1)
-        H[b].scatter_add_(1, arg, G[b] * s_j)
+        s_j = St[b].gather(0, arg)  # (P, P): S_{j, arg_ij}
+        H[b].T.scatter_add_(1, arg, G[b] * s_j)  # H_{arg_ij, i} += G_ij S_{j, arg_ij}
     return q, H
 
 
 class _MaxIntensityQuadratic(torch.autograd.Function):
-    """q_b = sum_ij G_ij max_n S_in S_jn for symmetric G (B, P, P); dq/dS_in = 2 H_in (G and argmax symmetric)."""
+    """q_b = sum_ij G_ij max_n S_in S_jn for symmetric G (B, P, P) and concept-major St (B, N, P) = S^T;
+    dq/dSt_ni = 2 H_ni (G and argmax symmetric)."""
 
     @staticmethod
-    def forward(ctx, S: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        if numba is not None and S.device.type == "cpu":
-            q, H = _max_intensity_numba(S.detach(), G, lengths)
+    def forward(ctx, St: torch.Tensor, G: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        if numba is not None and St.device.type == "cpu":
+            q, H = _max_intensity_numba(St.detach(), G, lengths)
         else:
-            q, H = _max_intensity_torch(S.detach(), G)
+            q, H = _max_intensity_torch(St.detach(), G)
         ctx.save_for_backward(H)
         return q
 
@@ -129,16 +131,26 @@ class _MaxIntensityQuadratic(torch.autograd.Function):
         return 2.0 * H * grad_q[:, None, None], None, None
 
 
+def modularity_concept_major(
+    St: torch.Tensor, graph: torch.Tensor, intensity: str = "max", lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Modularity Q (B,) of concept-major soft assignments St (B, N, P) (a trainer computes them as
+    concepts @ pixels^T, whose gradient then reads the pixels row-major) on graphs (B, P, P) = B / 2m."""
+    if intensity == "max":
+        return _MaxIntensityQuadratic.apply(St, graph, lengths)
+    if intensity == "sum":
+        return (St * (St @ graph)).sum((1, 2))  # graph symmetric: S^T G = (G S)^T
+    raise ValueError(f"intensity must be 'max' or 'sum', got {intensity!r}")
+
+
 def modularity(
     S: torch.Tensor, graph: torch.Tensor, intensity: str = "max", lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Modularity Q (B,) of soft assignments S (B, P, N) on precomputed graphs (B, P, P) = B / 2m (zero rows
     and columns on padded pixels; ``lengths`` lets the kernel skip them)."""
-    if intensity == "max":
-        return _MaxIntensityQuadratic.apply(S, graph, lengths)
-    if intensity == "sum":
-        return (S * (graph @ S)).sum((1, 2))
-    raise ValueError(f"intensity must be 'max' or 'sum', got {intensity!r}")
+    if intensity not in ("max", "sum"):
+        raise ValueError(f"intensity must be 'max' or 'sum', got {intensity!r}")
+    return modularity_concept_major(S.transpose(1, 2), graph, intensity, lengths)
 
 
 def modularity_loss(x: torch.Tensor, S: torch.Tensor, intensity: str = "max") -> torch.Tensor:
