@@ -132,3 +132,10 @@ def test_padded_batches_equal_each_image_alone():
     for j, im in enumerate(images):
         own = _modularity.modularity(S[j : j + 1, : len(im)], _modularity.modularity_graph(im[None]), "max")
         torch.testing.assert_close(q[j], own[0], atol=1e-6, rtol=1e-5)
+
+
+def test_modularity_names_an_unknown_intensity():
+    S = torch.rand(1, 7, 3)
+    graph = _modularity.modularity_graph(torch.randn(1, 7, 4))
+    with pytest.raises(ValueError, match="intensity must be 'max' or 'sum', got 'mean'"):
+        _modularity.modularity(S, graph, "mean")

@@ -148,8 +148,6 @@ def modularity(
 ) -> torch.Tensor:
     """Modularity Q (B,) of soft assignments S (B, P, N) on precomputed graphs (B, P, P) = B / 2m (zero rows
     and columns on padded pixels; ``lengths`` lets the kernel skip them)."""
-    if intensity not in ("max", "sum"):
-        raise ValueError(f"intensity must be 'max' or 'sum', got {intensity!r}")
     return modularity_concept_major(S.transpose(1, 2), graph, intensity, lengths)
 
 
