@@ -22,6 +22,7 @@ from .atomic import clean_orphans
 from .config import STAGE_KEYS, Grid, StageEntry
 from .errors import ConfigError
 from .graph.cells import STAGE_ORDER, Cell, build_plugin
+from .graph.committed import restore_committed_cells
 from .graph.executor import ExecutionSummary, Executor, InProcessExecutor, RecordContext
 from .graph.machine import environment_info
 from .graph.plan import Plan, plan_cells
@@ -167,12 +168,15 @@ def run_grid(
     ):  # our folders only
         for path in clean_orphans(folder, recursive):
             log.info("removed %s (left by a killed run)", path)
+    store = CellStore(out)
+    # a committed report's cells resume on a fresh clone (graph/committed.py)
+    restore_committed_cells(plan, store)
     executor = executor or InProcessExecutor()
     env, run_index = provenance.start_run(
         out, grid, environment_info(rt.device), len(plan.cells), extra={"executor": executor.name}
     )  # run.json history (provenance.py)
     start = time.perf_counter()
-    result = executor.run(plan, CellStore(out), rt, RecordContext(grid.name, env))
+    result = executor.run(plan, store, rt, RecordContext(grid.name, env))
     failures = [o.error or "" for o in result.failed]
     summary = RunSummary(grid, out, len(plan.cells), result.count("run"),
                          result.count("resumed") + result.count("shared"), time.perf_counter() - start,

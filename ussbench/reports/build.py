@@ -30,7 +30,7 @@ from .failed import failures_html, failures_markdown
 from .index import build_index
 from .panels import draw_panels
 from .paper import paper_columns
-from .records import load_report_cells, sync_per_image_counts
+from .records import RESTORED_KEY, load_report_cells, sync_per_image_counts
 from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame, times_note
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ def build_report(
         raise ValueError(f"no finished cells in {output / 'cells'}; nothing to report")
     results = results_frame(cells)
     board = leaderboard_frame(results)
+    # cells resumed from committed results (graph/committed.py) have no panel arrays
+    restored = any(c.get(RESTORED_KEY) for c in cells)
     written: dict[str, Path] = {}
     if from_cells:
         written["csv"] = atomic_write(output / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
@@ -84,7 +86,7 @@ def build_report(
             log.warning("qualitative %s skipped: %s", key.replace("_", " "), exc)
             written[key] = None
         kept = output / QUALITATIVE_FILES[key]
-        if written[key] is None and not from_cells and kept.is_file():
+        if written[key] is None and kept.is_file() and (not from_cells or restored):
             written[key] = (
                 kept  # a committed folder: the figure drawn from its cells still shows these results
             )

@@ -19,6 +19,7 @@ import pandas as pd
 from ..evaluation.per_image import STORE_NAME, StoredCell, read_cell_npz, read_store, write_store
 
 log = logging.getLogger(__name__)
+RESTORED_KEY = "restored_from"  # a cell record resumed from a committed results table (graph/committed.py)
 DEFAULT_PROTOCOL = {"name": "default", "matching": "auto", "objective": "pixels", "panels": 4}
 
 
