@@ -1,5 +1,5 @@
-"""A committed report folder (no ``cells/``) resumes its cells from results.parquet + per_image_counts.npz, so a
-fresh clone recomputes only the cells the grid changed."""
+"""With ``--reuse-committed`` a committed report folder (no ``cells/``) resumes its cells from results.parquet +
+per_image_counts.npz, so a fresh clone recomputes only the cells the grid changed; without it, everything."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_fresh_clone_resumes_every_committed_cell(committed, monkeypatch):
     monkeypatch.setattr(
         executor, "compute_node", lambda *a, **k: pytest.fail("a committed cell was recomputed")
     )
-    again = run_grid(grid, progress=False)
+    again = run_grid(grid, progress=False, reuse_committed=True)
     assert (again.n_run, again.n_resumed) == (0, 4)
     after = pd.read_parquet(again.output / "results.parquet")
     cols = [c for c in before.columns if c != "grid"]
@@ -63,7 +63,7 @@ def test_a_changed_row_alone_is_recomputed(committed, tmp_path, toy_root):
             ],
         )  # fmt: skip
     )
-    again = run_grid(grown, progress=False)
+    again = run_grid(grown, progress=False, reuse_committed=True)
     assert (again.n_run, again.n_resumed) == (4, 4)
     after = pd.read_parquet(again.output / "results.parquet")
     kept = after[after.cell_id.isin(before.cell_id)].set_index("cell_id").sort_index()
@@ -76,23 +76,36 @@ def test_cells_without_committed_counts_are_recomputed(committed):
     store = read_store(grid.output / STORE_NAME)
     dropped = before.cell_id.iloc[0]
     write_store(grid.output / STORE_NAME, {k: v for k, v in store.items() if k != dropped})
-    again = run_grid(grid, progress=False)
+    again = run_grid(grid, progress=False, reuse_committed=True)
     assert (again.n_run, again.n_resumed) == (1, 3)
     assert dropped in read_store(grid.output / STORE_NAME)
 
 
+def test_without_the_flag_a_fresh_clone_recomputes_every_cell(committed):
+    grid, _, _ = committed
+    assert run_grid(grid, progress=False).n_run == 4
+
+
+def test_the_cli_flag_reuses_committed_cells(committed, capsys):
+    from ussbench.cli import main
+
+    grid, _, _ = committed
+    assert main(["run", "--grid", str(grid.path), "--no-progress", "--reuse-committed"]) == 0
+    assert "(0 run, 4 resumed)" in capsys.readouterr().out
+
+
 def test_a_folder_with_its_own_cells_recomputes_a_deleted_record(committed):
     grid, _, _ = committed
-    run_grid(grid, progress=False)  # restores all four
+    run_grid(grid, progress=False, reuse_committed=True)  # restores all four
     records = sorted((grid.output / "cells").glob("*.json"))
     records[0].unlink()
-    assert run_grid(grid, progress=False).n_run == 1
+    assert run_grid(grid, progress=False, reuse_committed=True).n_run == 1
 
 
 def test_an_unreadable_committed_table_recomputes_with_a_warning(committed, caplog):
     grid, _, _ = committed
     (grid.output / "results.parquet").write_bytes(b"not parquet")
     with caplog.at_level("WARNING", logger="ussbench"):
-        again = run_grid(grid, progress=False)
+        again = run_grid(grid, progress=False, reuse_committed=True)
     assert again.n_run == 4
     assert any("not restored" in r.getMessage() for r in caplog.records)

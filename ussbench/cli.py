@@ -66,6 +66,9 @@ def _add_run(sub) -> None:
                      help="validate, print the expanded cells and which are finished or cached, run nothing")  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-report", action="store_true", help="run cells only; build the report later")
+    run.add_argument("--reuse-committed", action="store_true",
+                     help="in an output folder without cells/ (a fresh clone), resume the cells its committed "
+                          "results.parquet and per_image_counts.npz hold; compute only the rest")  # fmt: skip
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: this process (default); ray: stages as Ray tasks (pip install 'ussbench[ray]')")  # fmt: skip
     run.add_argument("--address", help="with --executor ray: an existing Ray cluster (auto or HOST:PORT); "
@@ -175,7 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     executor = make_executor(args.executor, args.address, args.max_retries)
     log.info("grid %s from %s; data root %s", grid.name, grid.path, grid.data_root)
-    summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report, executor=executor)
+    summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report, executor=executor,
+                       reuse_committed=args.reuse_committed)  # fmt: skip
     print(f"grid {grid.name}: {summary.n_cells} cells ({summary.n_run} run, {summary.n_resumed} resumed) "
           f"in {summary.seconds:.1f} s -> {summary.output}/leaderboard.md")  # fmt: skip
     if summary.n_failed:  # failed cells were recorded and the grid went on; the exit code says so

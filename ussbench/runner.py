@@ -156,8 +156,12 @@ def run_grid(
     report: bool = True,
     limit_cells: int | None = None,
     executor: Executor | None = None,
+    reuse_committed: bool = False,
 ) -> RunSummary:
-    """Run every cell of a validated grid (skipping finished ones), record failures, and write the report."""
+    """Run every cell of a validated grid (skipping finished ones), record failures, and write the report.
+
+    ``reuse_committed``: in a folder without cell records, resume the cells its committed results hold
+    (:mod:`ussbench.graph.committed`); off by default, so a fresh clone's run recomputes what it reports."""
     out = grid.output
     plan, rt = plan_grid(grid, progress, limit_cells)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -169,8 +173,8 @@ def run_grid(
         for path in clean_orphans(folder, recursive):
             log.info("removed %s (left by a killed run)", path)
     store = CellStore(out)
-    # a committed report's cells resume on a fresh clone (graph/committed.py)
-    restore_committed_cells(plan, store)
+    if reuse_committed:
+        restore_committed_cells(plan, store)
     executor = executor or InProcessExecutor()
     env, run_index = provenance.start_run(
         out, grid, environment_info(rt.device), len(plan.cells), extra={"executor": executor.name}

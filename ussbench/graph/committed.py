@@ -1,4 +1,5 @@
-"""Cells a committed report already holds: a fresh clone resumes them instead of recomputing them.
+"""Cells a committed report already holds: with ``run --reuse-committed`` a fresh clone resumes them instead of
+recomputing them (off by default: a plain run recomputes what it reports).
 
 ``cells/`` is not committed, so without this a fresh clone re-runs every cell of a committed grid even when
 only one row changed (a plugin's version bump, a new row). A committed folder keeps ``results.parquet`` (every
