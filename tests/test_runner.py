@@ -74,6 +74,17 @@ def test_interrupted_grid_resumes_only_missing_cells(finished, monkeypatch):
     assert calls == [], "features must come from the disk cache, not be recomputed"
 
 
+def test_progress_bar_starts_at_the_resumed_cells(finished, capsys):
+    """Resumed cells are the bar's start, not instant updates (which made its rate and ETA meaningless)."""
+    grid, summary = finished
+    for record in sorted((summary.output / "cells").glob("*.json"))[:2]:
+        record.unlink()
+    capsys.readouterr()
+    assert run_grid(grid, progress=True, report=False).n_run == 2
+    err = capsys.readouterr().err
+    assert "6/8" in err and "0/8" not in err, err[-500:]
+
+
 def test_feature_cache_is_shared_and_corrupt_entries_are_recomputed(finished, monkeypatch):
     """A corrupt feature entry is moved aside and recomputed by the next run, which reproduces the numbers."""
     grid, summary = finished

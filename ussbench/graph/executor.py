@@ -237,14 +237,14 @@ class InProcessExecutor(Executor):
         walk = _Walk(plan.graph, rt)
         summary = ExecutionSummary()
         deferred: list[int] = []
-        bar = tqdm(
-            total=len(plan.cells), desc=f"grid {record.grid_name}", disable=not rt.progress, unit="cell"
-        )
+        finished = {cid for cid in plan.cell_ids if store.finished(cid)}
+        # resumed cells start the bar (initial=): counted as updates they would make its rate and ETA instant
+        bar = tqdm(total=len(plan.cells), initial=len(finished), desc=f"grid {record.grid_name}",
+                   disable=not rt.progress, unit="cell")  # fmt: skip
         for i, cid in enumerate(plan.cell_ids):
-            if store.finished(cid):
+            if cid in finished:
                 summary.outcomes.append(CellOutcome(cid, "resumed"))
                 walk.release(plan.sinks[i])
-                bar.update()
                 continue
             lock = store.lock(cid)
             if not lock.try_acquire():  # another run computes it now: do other cells first
