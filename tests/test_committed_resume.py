@@ -109,3 +109,28 @@ def test_an_unreadable_committed_table_recomputes_with_a_warning(committed, capl
         again = run_grid(grid, progress=False, reuse_committed=True)
     assert again.n_run == 4
     assert any("not restored" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sub_grid_restores_the_whole_committed_report(committed, tmp_path, toy_root):
+    """A sub-grid (as study_*_full_abc.yaml) run on a fresh clone keeps the report's other cells: restored too,
+    so ``report`` over the folder and a later full-grid run still have them."""
+    from ussbench.cli import main
+
+    grid, before, _ = committed
+    sub = load_grid(tiny_grid(tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"]))
+    assert (run_grid(sub, progress=False, reuse_committed=True).n_resumed) == 2
+    assert main(["report", str(grid.output)]) == 0
+    assert set(pd.read_parquet(grid.output / "results.parquet").cell_id) == set(before.cell_id)
+    assert (run_grid(grid, progress=False, reuse_committed=True).n_run) == 0
+
+
+def test_dry_run_counts_the_cells_the_flag_restores(committed, capsys):
+    from ussbench.cli import main
+
+    grid, _, _ = committed
+    assert main(["run", "--grid", str(grid.path), "--dry-run"]) == 0
+    assert "0 finished, 4 to run" in capsys.readouterr().out
+    assert main(["run", "--grid", str(grid.path), "--dry-run", "--reuse-committed"]) == 0
+    out = capsys.readouterr().out
+    assert "0 finished, 4 restored from the committed results, 0 to run" in out
+    assert not (grid.output / "cells").is_dir() or not any((grid.output / "cells").glob("*.json"))

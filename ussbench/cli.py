@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .dryrun import describe
 
-        print("\n".join(describe(grid)))
+        print("\n".join(describe(grid, reuse_committed=args.reuse_committed)))
         return 0
     from .graph.ray_executor import make_executor
     from .runner import run_grid

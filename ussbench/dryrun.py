@@ -36,7 +36,7 @@ def stage_cache_status(plan: Any, cache: Any) -> str:
     return ", ".join(f"{kind} {held[kind]}/{total[kind]}" for kind in total) or "no cacheable stage"
 
 
-def describe(grid: Grid) -> list[str]:
+def describe(grid: Grid, reuse_committed: bool = False) -> list[str]:
     """Lines describing what ``run`` would do: one per cell (finished or to run) and a summary.
 
     Cell ids come from the stage graph (they depend on the data's and the backbone's fingerprints), so the
@@ -48,6 +48,11 @@ def describe(grid: Grid) -> list[str]:
     plan, rt = plan_grid(grid, remember=False)
     cells = plan.cells
     done = finished_cell_ids(grid.output)
+    committed: set[str] = set()
+    if reuse_committed and not done:  # what run --reuse-committed restores first (graph/committed.py)
+        from .graph.committed import committed_cell_ids
+
+        committed = committed_cell_ids(grid.output)
     combos = len(grid.seeds) * math.prod(len(grid.stages[key]) for key in STAGE_KEYS)
     sizes = " x ".join(f"{len(grid.stages[key])} {key}" for key in STAGE_KEYS) + f" x {len(grid.seeds)} seeds"
     lines = [
@@ -64,10 +69,10 @@ def describe(grid: Grid) -> list[str]:
     ]
     status = Counter()
     for cell, cid in zip(cells, plan.cell_ids):
-        state = "finished" if cid in done else "to run"
+        state = "finished" if cid in done else "committed" if cid in committed else "to run"
         status[state] += 1
         labels = " | ".join(cell.entry(kind).label for kind in STAGE_ORDER)
-        lines.append(f"  {state:8s} {cid}  {labels} | seed {cell.seed}")
+        lines.append(f"  {state:9s} {cid}  {labels} | seed {cell.seed}")
     cached = cache_entries(grid.cache_dir)
     held = ", ".join(
         f"{stage} {n}"
@@ -75,7 +80,8 @@ def describe(grid: Grid) -> list[str]:
         if n and stage not in ("weights", "fingerprints") and not stage.startswith(".")
     )  # fingerprints are file hashes, not stage values
     held = f"cache holds {held} entries" if held else "cache is empty"
-    lines.append(f"{status['finished']} finished, {status['to run']} to run; {held}")
+    restorable = f"{status['committed']} restored from the committed results, " if committed else ""
+    lines.append(f"{status['finished']} finished, {restorable}{status['to run']} to run; {held}")
     lines.append(f"  stage values already cached: {stage_cache_status(plan, rt.cache)}")
     lines.append(
         "dry run: no stage was computed and no result written (a backbone's weights may have been converted "

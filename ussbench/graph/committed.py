@@ -14,6 +14,7 @@ curves). Delete ``results.parquet`` to recompute everything.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pandas as pd
 
@@ -28,17 +29,25 @@ log = logging.getLogger(__name__)
 RESULTS_NAME = "results.parquet"
 
 
+def committed_cell_ids(output: Path) -> set[str]:
+    """Ids of the cells a folder's committed results and per-image counts both hold (empty if unreadable)."""
+    try:
+        results = pd.read_parquet(Path(output) / RESULTS_NAME, columns=["cell_id"])
+        counts = read_store(Path(output) / STORE_NAME)
+    except (OSError, ValueError, KeyError):
+        return set()
+    return set(results.cell_id) & set(counts)
+
+
 def restore_committed_cells(plan: Plan, store: CellStore) -> list[str]:
-    """In a folder without cell records (a fresh clone), write one for every planned cell that the committed
-    results and per-image counts both hold; returns their ids. Unreadable committed files restore nothing."""
+    """In a folder without cell records (a fresh clone), write one for every cell that the committed results
+    and per-image counts both hold; returns the ids of those the plan has. Cells of the folder's report that
+    this grid does not plan (say a sub-grid such as ``study_*_full_abc.yaml``) are restored too, so a later
+    ``report`` or full-grid run still finds them. Unreadable committed files restore nothing (warning)."""
     output = store.output
     results_path = output / RESULTS_NAME
-    if any(store.cells.glob("*.json")):
+    if not results_path.is_file() or any(store.cells.glob("*.json")):
         return []  # a folder with its own cells: a deleted record means "recompute this cell"
-    missing = {cid: ident for cid, ident in zip(plan.cell_ids, plan.identities)
-               if not store.record_path(cid).is_file()}  # fmt: skip
-    if not missing or not results_path.is_file():
-        return []
     try:
         results = pd.read_parquet(results_path)
         counts = read_store(output / STORE_NAME)
@@ -49,15 +58,19 @@ def restore_committed_cells(plan: Plan, store: CellStore) -> list[str]:
     if "cell_id" not in results.columns:
         log.warning("%s has no cell_id column; its cells are recomputed", results_path)
         return []
-    wanted = results[results.cell_id.isin(set(missing)) & results.cell_id.isin(set(counts))]
+    planned = dict(zip(plan.cell_ids, plan.identities))
+    store.cells.mkdir(parents=True, exist_ok=True)
     restored = []
-    for record in cells_from_results(wanted, run):
+    for record in cells_from_results(results[results.cell_id.isin(set(counts))], run):
         cid = record["row"]["cell_id"]
+        identity = planned.get(cid, record["identity"])  # the plan's full identity where it has the cell
         atomic_write_json(
-            store.record_path(cid), {**record, "identity": missing[cid], RESTORED_KEY: RESULTS_NAME}
+            store.record_path(cid), {**record, "identity": identity, RESTORED_KEY: RESULTS_NAME}
         )
         restored.append(cid)
+    ours = [cid for cid in restored if cid in planned]
     if restored:
-        log.info("%d of %d cells restored from %s (committed); %d to compute", len(restored), len(plan.cell_ids),
-                 results_path, len(missing) - len(restored))  # fmt: skip
-    return restored
+        log.info("%d of %d cells restored from %s (committed; %d more of its cells outside this grid); %d to "
+                 "compute", len(ours), len(plan.cell_ids), results_path, len(restored) - len(ours),
+                 len(plan.cell_ids) - len(ours))  # fmt: skip
+    return ours
