@@ -5,7 +5,7 @@ recomputing them (off by default: a plain run recomputes what it reports).
 only one row changed (a plugin's version bump, a new row). A committed folder keeps ``results.parquet`` (every
 cell's row, parameters and machine) and ``per_image_counts.npz`` (its per-image confusion counts). While
 ``cells/`` holds no record (so deleting one record still recomputes that cell), we write ``cells/<id>.json``
-for each planned cell that both hold, and the executor resumes it. The cell id hashes the cell's whole
+for every cell that both hold (also those this grid does not plan), and the executor resumes the planned ones. The cell id hashes the cell's whole
 identity (plugin versions, parameters, data and weight digests), so a restored cell is the cell the grid asks
 for. A restored cell lacks its panel arrays (the committed ``panels.png`` is kept) and its artifacts (learning
 curves). Delete ``results.parquet`` to recompute everything.
