@@ -236,3 +236,26 @@ def test_a_plugin_version_bump_reruns_its_cells(tmp_path, toy_root, monkeypatch)
     again = run_grid(grid, progress=False)
     assert (again.n_run, again.n_resumed) == (1, 1)
     assert len(pd.read_csv(again.output / "results.csv")) == 2
+
+
+def test_run_time_counts_planning_and_report_not_only_the_cells(finished, monkeypatch):
+    """The summary's (and run.json's) total covers planning (data fingerprints, weights) and the report: a rerun
+    that resumes every cell computes nothing, yet it still took its planning time."""
+    import time
+
+    from ussbench import runner
+
+    grid, _ = finished
+    plan = runner.plan_grid
+
+    def slow_plan(*args, **kwargs):
+        time.sleep(0.3)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "plan_grid", slow_plan)
+    again = run_grid(grid, progress=False)
+    assert again.n_run == 0
+    assert again.total_seconds >= again.seconds + 0.3
+    last = json.loads((grid.output / "run.json").read_text())["history"][-1]
+    assert last["total_seconds"] == round(again.total_seconds, 2)
+    assert last["seconds"] == round(again.seconds, 2)

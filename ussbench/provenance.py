@@ -147,15 +147,24 @@ def start_run(output: Path, grid: Any, environment: dict[str, Any], n_cells: int
 
 
 def finish_run(
-    output: Path, index: int, n_run: int, n_resumed: int, seconds: float, n_failed: int = 0
+    output: Path,
+    index: int,
+    n_run: int,
+    n_resumed: int,
+    seconds: float,
+    n_failed: int = 0,
+    total_seconds: float | None = None,
 ) -> None:
-    """Close this run's entry: end time, cells run, resumed and failed, seconds."""
+    """Close this run's entry: end time, cells run, resumed and failed, seconds computing cells and (once the
+    report is written) ``total_seconds`` of the whole run, planning and report included."""
     with _locked(output):
         run = read_run(output)
         history = run.get("history", [])
         if 0 <= index < len(history):
             history[index].update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), n_run=n_run, n_resumed=n_resumed,
                                   n_failed=n_failed, seconds=round(seconds, 2))  # fmt: skip
+            if total_seconds is not None:
+                history[index]["total_seconds"] = round(total_seconds, 2)
             atomic_write_json(Path(output) / RUN_FILE, run)
 
 
