@@ -397,3 +397,16 @@ def test_index_names_the_best_row_of_each_dataset(tmp_path):
     frame.to_parquet(folder / "results.parquet")
     best = _summary(folder)["best"]
     assert best == "camvid: STEGO + patches (21.60 mIoU); msrc: HP + patches (19.40 mIoU)"
+
+
+def test_html_sort_keys_read_bounded_p_values():
+    """The page sorts the p column by its data-v key: a p at the bootstrap's floor ('≤ 1.0e-03') sorts as
+    that number (smallest first), not as missing (it sorted below every other row)."""
+    from ussbench.reports.comparisons import fmt_p
+    from ussbench.reports.page import sort_value
+
+    shown = [fmt_p(p, 999) for p in (1.0, 0.03, 0.0)]
+    assert shown[-1].startswith("≤")
+    keys = [float(sort_value(text)) for text in shown]
+    assert keys == sorted(keys, reverse=True) and keys[-1] == pytest.approx(1e-3)
+    assert sort_value(fmt_p(float("nan"), 999)) == ""

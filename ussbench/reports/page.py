@@ -22,7 +22,7 @@ from .tables import STAGE_COLUMNS, times_note
 if TYPE_CHECKING:
     from .build import Report
 
-_NUMBER = re.compile(r"^[<\[]?\s*([+\-−]?\d+(?:\.\d+)?(?:e[+\-]?\d+)?)")
+_NUMBER = re.compile(r"^[<>≤≥\[]?\s*([+\-−]?\d+(?:\.\d+)?(?:e[+\-]?\d+)?)")
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1500px;margin:1.5em auto;padding:0 1em;color:#222}
@@ -111,7 +111,8 @@ def inline_markdown(text: str) -> str:
 
 
 def sort_value(text: Any) -> str:
-    """The number a displayed cell sorts by ('13.24 ± 1.00' -> 13.24, '2–4' -> 2, '[1.2, 3]' -> 1.2, 'n/a' -> '')."""
+    """The number a displayed cell sorts by ('13.24 ± 1.00' -> 13.24, '2–4' -> 2, '[1.2, 3]' -> 1.2, a bounded
+    p-value '≤ 1.0e-03' -> 1.0e-03, 'n/a' -> '')."""
     if isinstance(text, (int, float, np.integer, np.floating)):
         return "" if isinstance(text, float) and math.isnan(text) else repr(float(text))
     m = _NUMBER.match(str(text).strip())
