@@ -13,7 +13,7 @@ from ussbench.datasets.camvid import CamVid
 from ussbench.datasets.folder import ImageMaskFolder
 from ussbench.datasets.msrc import MSRCv2, msrc_lookup
 from ussbench.datasets.voc import VOC2012
-from ussbench.errors import DataError
+from ussbench.errors import ConfigError, DataError
 
 
 def test_msrc21_mapping_drops_horse_and_mountain():
@@ -92,6 +92,30 @@ def test_folder_label_out_of_range(tmp_path, toy_root):
     Image.fromarray(np.full((48, 64), 7, dtype=np.uint8), mode="L").save(toy_root / "labels" / "img01.png")
     ds = ImageMaskFolder(num_classes=3, root=str(toy_root))
     assert (ds.load_label(1) == -1).all()  # values >= num_classes that are not classes become ignore
+
+
+def test_folder_ignore_index_marks_void_even_below_num_classes(toy_root):
+    """ignore_index 0 (folders that mark void as 0): 0 is void and the classes are 1..num_classes (it used to
+    be class 0, and num_classes's top value void); the default 255 keeps 0..num_classes-1."""
+    raw = np.zeros((48, 64), dtype=np.uint8)
+    raw[:, 16:32], raw[:, 32:48], raw[:, 48:] = 1, 2, 3
+    Image.fromarray(raw, mode="L").save(toy_root / "labels" / "img01.png")
+    zero_void = ImageMaskFolder(num_classes=3, root=str(toy_root), ignore_index=0).load_label(1)
+    assert [int(v) for v in zero_void[0, ::16]] == [-1, 0, 1, 2]
+    default = ImageMaskFolder(num_classes=3, root=str(toy_root)).load_label(1)
+    assert [int(v) for v in default[0, ::16]] == [0, 1, 2, -1]
+    # more classes than a byte holds (16-bit PNGs): the table grows instead of failing to build
+    wide = ImageMaskFolder(num_classes=300, root=str(toy_root), ignore_index=0)
+    assert wide._table[300] == 299 and wide._table[0] == -1
+    with pytest.raises(ConfigError, match="ignore_index must be"):
+        ImageMaskFolder(num_classes=3, root=str(toy_root), ignore_index=-1)
+
+
+def test_two_images_of_one_name_are_a_data_error(toy_root):
+    """a.jpg and a.png would both take a.png's label and be scored twice."""
+    Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(toy_root / "images" / "img02.jpg")
+    with pytest.raises(DataError, match=r"share the name 'img02'"):
+        ImageMaskFolder(num_classes=3, root=str(toy_root)).ids()
 
 
 def test_label_of_another_size_than_its_image_is_a_data_error_before_work(toy_root):

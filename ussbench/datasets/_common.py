@@ -43,15 +43,21 @@ def resolve_root(root: str | None, data_root: str | None, default_subdir: str, d
 def paired_files(
     images_dir: Path, labels_dir: Path, label_suffix: str = ".png"
 ) -> list[tuple[str, Path, Path]]:
-    """(id, image path, label path) for every image whose label exists, sorted by id; missing labels fail."""
+    """(id, image path, label path) for every image whose label exists, sorted by id; missing labels fail, and
+    so do two images of one name (``a.jpg`` and ``a.png`` would share ``a.png``'s label and be scored twice)."""
     if not images_dir.is_dir():
         raise DataError(f"image folder {str(images_dir)!r} does not exist")
     if not labels_dir.is_dir():
         raise DataError(f"label folder {str(labels_dir)!r} does not exist")
     pairs = []
+    seen: dict[str, Path] = {}
     for img in sorted(images_dir.iterdir()):
         if img.suffix.lower() not in IMAGE_SUFFIXES:
             continue
+        if img.stem in seen:
+            raise DataError(f"images {str(seen[img.stem])!r} and {str(img)!r} share the name {img.stem!r} (and its "
+                            "label); keep one of them")  # fmt: skip
+        seen[img.stem] = img
         lab = labels_dir / (img.stem + label_suffix)
         if not lab.is_file():
             raise DataError(f"label file {str(lab)!r} for image {img.name!r} does not exist")

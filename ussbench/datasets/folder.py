@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..registry import register
-from ._common import FileListDataset, FileTriple, identity_table, paired_files, resolve_root
+from ._common import FileListDataset, FileTriple, paired_files, resolve_root
+
+
+def class_table(num_classes: int, ignore_index: int) -> np.ndarray:
+    """Raw label value -> class id (-1: ignored): the first num_classes values other than ignore_index."""
+    values = [v for v in range(num_classes + 1) if v != ignore_index][:num_classes]
+    table = np.full(max(256, num_classes + 1, ignore_index + 1), -1, dtype=np.int64)
+    table[values] = np.arange(num_classes)
+    return table
 
 
 @register("dataset", "image_folder")
 class ImageMaskFolder(FileListDataset):
-    """<root>/<images_dir>/<name>.{jpg,png} + <root>/<labels_dir>/<name>.png with values 0..num_classes-1."""
+    """<root>/<images_dir>/<name>.{jpg,png} + <root>/<labels_dir>/<name>.png with values 0..num_classes-1.
+
+    The classes are the first ``num_classes`` label values other than ``ignore_index``: 0..num_classes-1 with
+    the default 255, 1..num_classes with ``ignore_index: 0`` (folders that mark void as 0). Every other value
+    is ignored (void)."""
 
     description = "generic image + mask folder"
 
@@ -27,6 +41,8 @@ class ImageMaskFolder(FileListDataset):
     ):
         if num_classes < 1:
             raise ConfigError(f"image_folder: num_classes must be >= 1, got {num_classes}")
+        if ignore_index < 0:
+            raise ConfigError(f"image_folder: ignore_index must be a label value >= 0, got {ignore_index}")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"image_folder: {len(class_names)} class_names for num_classes={num_classes}")
         self.num_classes = num_classes
@@ -38,7 +54,7 @@ class ImageMaskFolder(FileListDataset):
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.limit = limit
         self.resize_labels = resize_labels
-        self._table = identity_table(num_classes, max(256, ignore_index + 1))
+        self._table = class_table(num_classes, ignore_index)
 
     def _list_files(self) -> list[FileTriple]:
         base = resolve_root(self.root, self.data_root, ".", "image_folder")
