@@ -253,3 +253,15 @@ def test_bad_parameters_raise():
 def test_card_matches_registry():
     card = checked_card("dataset_clusterer", "abc", "ussbench.dataset_clusterers.abc:AttentionClusterer")
     assert {p["value"] for p in card["published"]} >= {30.42, 25.64, 13.47, 26.38, 25.1895, 26.72, 27.11}
+
+
+def test_multi_tensor_adamw_changes_no_bits(monkeypatch):
+    """ABC steps AdamW 'foreach' (faster): the trained weights equal the default per-tensor loop's bit for bit,
+    so results (and committed reports' cell ids) do not depend on it."""
+    X, _ = blobs([40, 25, 30], seed=6)
+    fast = AttentionClusterer(3, epochs=4, batch_size=32, seed=1).fit(X)
+    monkeypatch.setattr(abc_module, "adamw", lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd))
+    loop = AttentionClusterer(3, epochs=4, batch_size=32, seed=1).fit(X)
+    assert fast.loss_history_ == loop.loss_history_
+    for a, b in zip(fast.net_.parameters(), loop.net_.parameters(), strict=True):
+        assert torch.equal(a, b)

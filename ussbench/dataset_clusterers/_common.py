@@ -274,3 +274,10 @@ def resolve_precision(precision: str, device: torch.device, who: str) -> str:
 def autocast(device: torch.device, precision: str):
     """torch.autocast context for a resolved precision ('bf16' casts matmuls/linears to bfloat16)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with its multi-tensor ('foreach') step: on the CPU the same per-tensor kernels in the same order as
+    the default loop (the same bits; tests/test_abc.py checks), with less Python per step (ABC's study preset:
+    about 10 ms of its 0.3 s epoch)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)

@@ -32,6 +32,7 @@ from ..base import DatasetClusterer
 from ..errors import ConfigError, NumericalError
 from ..registry import register
 from ._common import (
+    adamw,
     autocast,
     check_choice,
     check_matrix,
@@ -348,7 +349,7 @@ class AttentionClusterer(DatasetClusterer):
             ).to(dev)
         self.precision_ = resolve_precision(self.precision, dev, "abc")
         self.net_.precision = self.precision_
-        opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = adamw(self.net_.parameters(), self.lr, self.weight_decay)
         gen = torch.Generator().manual_seed(self.seed + 1)
         n_batches = math.ceil(n / self.batch_size)
         self.loss_history_: list[float] = []

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..base import FeatureSet, ImageClusterer, Segmentation, StageContext
-from ..dataset_clusterers._common import autocast, resolve_precision
+from ..dataset_clusterers._common import adamw, autocast, resolve_precision
 from ..determinism import ThreadInvariantLayerNorm as LayerNorm  # same numbers with 1 or N threads
 from ..determinism import rowvec_linear
 from ..errors import ConfigError, NumericalError
@@ -315,7 +315,7 @@ class AdaptiveConceptGenerator(ImageClusterer):
             )
         model = model.to(dev).train()
         self.precision_ = model.precision = resolve_precision(self.precision, dev, "acg")
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = adamw(model.parameters(), self.lr, self.weight_decay)
         # fixed for the whole training: the pixels (zero-padded, so a batch mixes images of any size), their
         # standardised and unit forms and each image's modularity graph (zero on padding)
         x, lengths = self._padded(features, name, dev)
