@@ -79,12 +79,23 @@ def test_knn_excludes_self_and_caps_k():
         knn_table(x[:1], torch.device("cpu"))
 
 
+def test_five_crop_with_a_window_spanning_the_grid_warns_and_keeps_distinct_views(caplog):
+    fs = toy_features(n=2)  # grids 8x10 and 8x8: an 8-patch window spans both heights
+    with caplog.at_level("WARNING"):
+        bank = build_bank(fs, crop_size=8, crop_mode="five", device=torch.device("cpu"))
+    assert bank.n_views == 3 + 1  # 8x10: left, right, centre; 8x8: the whole grid once
+    assert "4 distinct views instead of 10" in caplog.text
+
+
 def test_view_bank_windows_and_five_crop():
     fs = toy_features(n=2)  # grids 8x10 and 8x8
     bank = build_bank(fs, crop_size=20, crop_mode="five", device=torch.device("cpu"))
     assert bank.crop == 8  # clipped to the smallest grid side
     views = five_crop_views(torch.tensor([[8, 10]]), 6)
     assert views.tolist() == [[0, 0, 0], [0, 0, 4], [0, 2, 0], [0, 2, 4], [0, 1, 2]]
+    # a window spanning a side: coinciding corners are one view (repeats were duplicate training views)
+    assert five_crop_views(torch.tensor([[6, 6]]), 6).tolist() == [[0, 0, 0]]
+    assert five_crop_views(torch.tensor([[6, 9]]), 6).tolist() == [[0, 0, 0], [0, 0, 3], [0, 0, 1]]
     bank = build_bank(fs, crop_size=4, crop_mode="five", device=torch.device("cpu"))
     assert bank.n_views == 10
     img, top, left = bank.windows(torch.tensor([1, 4]), torch.Generator())

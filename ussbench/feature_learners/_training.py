@@ -140,12 +140,20 @@ class ViewBank:
 
 
 def five_crop_views(grids: torch.Tensor, crop: int) -> torch.Tensor:
-    """(5N, 3) rows (image, top, left): four corner windows and the centre window of every image."""
+    """(V, 3) rows (image, top, left): the four corner windows and the centre window of every image, each
+    distinct window once (V <= 5N). Where the window spans a grid side the corners coincide; repeated, they
+    would be duplicate training views, each other's nearest neighbours in the kNN table (STEGO's kNN term
+    would then mostly pair a window with itself) and extra passes in an epoch."""
     rows = []
     for i, (h, w) in enumerate(grids.tolist()):
-        for t, l in ((0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop)):
-            rows.append((i, t, l))
-        rows.append((i, (h - crop) // 2, (w - crop) // 2))
+        corners = (
+            (0, 0),
+            (0, w - crop),
+            (h - crop, 0),
+            (h - crop, w - crop),
+            ((h - crop) // 2, (w - crop) // 2),
+        )
+        rows.extend((i, t, l) for t, l in dict.fromkeys(corners))
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -170,6 +178,13 @@ def build_bank(features: FeatureSet, crop_size: int, crop_mode: str, device: tor
         h, w = im.grid
         tokens[i, :h, :w] = im.tokens.to(store, torch.float16)
     views = five_crop_views(grids, crop) if crop_mode == "five" else None
+    if views is not None and len(views) < 5 * n:
+        log.warning(
+            "five-crop: the %d-patch window spans a side of %d of %d feature grids, so their corner windows "
+            "coincide: %d distinct views instead of %d (the references' five crops are half the image side: "
+            "extract features at a larger resolution, or lower crop_size)",
+            crop, int((grids <= crop).any(1).sum()), n, len(views), 5 * n,
+        )  # fmt: skip
     return ViewBank(tokens, grids, crop, crop_mode, device, views)
 
 
