@@ -57,7 +57,7 @@ def test_valid_grid_loads(tmp_path, toy_root):
             {"protocol": {"matching": "greedy"}},
             r"protocol\.matching: expected one of auto, hungarian, many_to_one",
         ),
-        ({"data_root": "/no/such/folder"}, r"data_root '/no/such/folder' does not exist"),
+        ({"data_root": "/no/such/folder"}, r"key 'data_root': data folder '/no/such/folder' does not exist"),
         ({"image_clusterers": [{"name": "kmeans_per_image", "preset": "fast"}]}, r"unknown preset 'fast'"),
         ({"device": "tpu"}, r"key 'device' expects auto, cpu, cuda"),
     ],
@@ -273,6 +273,11 @@ def _plugin_raising(tmp_path, toy_root):
     return ["run", "--grid", str(edit(tiny_grid(tmp_path, toy_root), plugins=["boom.py"]))]
 
 
+def _a_file(tmp_path):
+    write_text(tmp_path / "a_file", "not a folder\n")
+    return tmp_path / "a_file"
+
+
 def _tiny(*extra):
     return lambda tmp_path, toy_root: ["run", "--grid", str(tiny_grid(tmp_path, toy_root)), *extra]
 
@@ -341,11 +346,37 @@ FAULTS = {
     ),
     "data root missing": (
         _tiny("--data-root", "/no/such/data"),
-        r"data_root '/no/such/data' does not exist \(pass --data-root DIR\)",
+        r"data folder '/no/such/data' does not exist \(pass --data-root DIR\)",
     ),
     "report on an empty folder": (
         lambda t, r: (t / "out").mkdir() or ["report", str(t / "out")],
         r"holds no finished cells .*: not a grid output folder",
+    ),
+    "output under a file": (
+        lambda t, r: _tiny("--output", str(_a_file(t) / "out"))(t, r),
+        r"--output: '.*a_file/out' lies under '.*a_file', which is a file, not a folder",
+    ),
+    "cache under a file (dry run)": (
+        lambda t, r: _tiny("--cache-dir", str(_a_file(t) / "c"), "--dry-run")(t, r),
+        r"--cache-dir: '.*a_file/c' lies under '.*a_file', which is a file, not a folder",
+    ),
+    "output in the grid under a file": (
+        lambda t, r: ["run", "--grid", str(edit(tiny_grid(t, r), output=str(_a_file(t) / "o")))],
+        r"grid.yaml: key 'output': '.*a_file/o' lies under",
+    ),
+    "seed flag": (_tiny("--seeds", "-1"), r"ussbench: error: --seeds\[0\]: expected an integer seed"),
+    "device flag": (_tiny("--device", "tpu"), r"ussbench: error: --device expects auto, cpu"),
+    "data root is a file": (
+        lambda t, r: _tiny("--data-root", str(_a_file(t)))(t, r),
+        r"--data-root: '.*a_file' is a file, not a data folder",
+    ),
+    "grid is a folder": (
+        lambda t, r: ["run", "--grid", str(t)],
+        r"grid file '.*' is a folder \(.*\), not a grid file",
+    ),
+    "report on a file": (
+        lambda t, r: ["report", str(_a_file(t))],
+        r"report folder '.*a_file' is a file",
     ),
     "report on a missing folder": (
         lambda t, r: ["report", str(t / "nothing")],

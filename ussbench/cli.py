@@ -194,6 +194,8 @@ def cmd_report(output: str, name: str | None) -> int:
     from .reports.build import build_report
 
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"report folder {output!r} is a file; name a grid's output folder (reports/<grid>)")
     if not out.is_dir():
         raise ConfigError(f"report folder {output!r} does not exist")
     if (
@@ -244,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     except UssbenchError as exc:
         print("ussbench: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (disk full, permissions changed mid-run): one line
+        log.debug("file system error", exc_info=True)
+        print(f"ussbench: error: {exc} (finished cells are kept; run again to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ussbench: interrupted (finished cells are kept; run again to resume)", file=sys.stderr)
         return 130

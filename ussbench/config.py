@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,13 @@ def load_grid(
     name = raw.get("name") or path.stem
     if not isinstance(name, str):
         raise ConfigError(f"{where}: key 'name' expects a string, got {name!r}")
-    seeds = _parse_seeds(raw.get("seeds", [0]), f"{where}: key 'seeds'")
+    flagged = {key for key, value in (overrides or {}).items() if value is not None}
+    seeds = _parse_seeds(raw.get("seeds", [0]), _blame("seeds", flagged, where))
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not (isinstance(device, str) and device.startswith("cuda:")):
-        raise ConfigError(f"{where}: key 'device' expects auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError(
+            f"{_blame('device', flagged, where)} expects auto, cpu, cuda or cuda:N, got {device!r}"
+        )
     stages: dict[str, list[StageEntry]] = {}
     for key, kind in STAGE_KEYS.items():
         entries = raw.get(key, ["none"] if key in OPTIONAL_STAGES else None)
@@ -163,17 +167,21 @@ def load_grid(
     )
     if raw.get("baseline") is not None:
         _check_baseline(raw["baseline"], stages, f"{where}: baseline")
-    data_root = _data_root(raw, where)
+    data_root = _data_root(raw, _blame("data_root", flagged, where))
     for key in ("output", "cache_dir"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise ConfigError(f"{where}: key {key!r} expects a path string, got {raw[key]!r}")
+            raise ConfigError(f"{_blame(key, flagged, where)} expects a path string, got {raw[key]!r}")
+    output = Path(raw.get("output") or Path("reports") / name).expanduser()
+    cache_dir = Path(raw.get("cache_dir") or ".cache/ussbench").expanduser()
+    for key, folder in (("output", output), ("cache_dir", cache_dir)):
+        check_writable_folder(folder, _blame(key, flagged, where))
     return Grid(
         path=path,
         name=name,
         description=str(raw.get("description", "")),
         data_root=data_root,
-        output=Path(raw.get("output") or Path("reports") / name).expanduser(),
-        cache_dir=Path(raw.get("cache_dir") or ".cache/ussbench").expanduser(),
+        output=output,
+        cache_dir=cache_dir,
         device=device,
         seeds=seeds,
         plugins=list(raw.get("plugins", []) or []),
@@ -253,6 +261,27 @@ def _cli_path(value: Any) -> Any:
     return str(Path(value).expanduser().resolve()) if isinstance(value, str) else value
 
 
+def _blame(key: str, flagged: set[str], where: str) -> str:
+    """Who set a top-level key: its command-line flag (``--output``) or the grid file's key."""
+    return f"--{key.replace('_', '-')}" if key in flagged else f"{where}: key {key!r}"
+
+
+def check_writable_folder(folder: Path, where: str) -> None:
+    """Refuse, before any work, a results or cache folder that cannot be created or written: a file on its
+    path, or a read-only parent (otherwise a run fails with a traceback once its first cell finishes)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is" if existing == folder else f"lies under {str(existing)!r}, which is"
+        raise ConfigError(f"{where}: {str(folder)!r} {what} a file, not a folder; name a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        part = "" if existing == folder else f" (its parent {str(existing)!r})"
+        raise ConfigError(
+            f"{where}: folder {str(folder)!r}{part} is not writable; name a folder you can write"
+        )
+
+
 def _data_root(raw: dict[str, Any], where: str) -> str | None:
     """The grid's data root: as set (must exist), else the project's shipped ``data/`` (None if there is none)."""
     data_root = raw.get("data_root")
@@ -260,9 +289,12 @@ def _data_root(raw: dict[str, Any], where: str) -> str | None:
         default = default_data_root()
         return str(default) if default is not None else None
     if not isinstance(data_root, str):
-        raise ConfigError(f"{where}: key 'data_root' expects a path string, got {data_root!r}")
-    if not Path(data_root).expanduser().is_dir():
-        raise ConfigError(f"{where}: data_root {data_root!r} does not exist (pass --data-root DIR)")
+        raise ConfigError(f"{where} expects a path string, got {data_root!r}")
+    folder = Path(data_root).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{where}: {data_root!r} is a file, not a data folder (pass --data-root DIR)")
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: data folder {data_root!r} does not exist (pass --data-root DIR)")
     return data_root
 
 

@@ -63,6 +63,9 @@ def resolve_grid_path(name: str | Path, relative_to: Path | None = None, skip: P
     for candidate in candidates:
         if candidate.is_file() and (skip is None or candidate.resolve() != skip.resolve()):
             return candidate
+    folders = [c for c in candidates if c.is_dir()]
+    if folders:
+        raise ConfigError(f"grid file {str(name)!r} is a folder ({folders[0]}), not a grid file (a .yaml)")
     looked = ", ".join(dict.fromkeys(str(c.parent) for c in candidates))
     shipped = ", ".join(shipped_grids()) or "none found"
     raise ConfigError(
