@@ -285,6 +285,67 @@ def test_an_unreadable_cell_record_is_moved_aside_and_recomputed(tmp_path, toy_r
     assert len(list((summary.output / "cells" / "corrupt").iterdir())) == 1
 
 
+def _truncate(path) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data
+
+
+def test_truncated_cell_arrays_are_moved_aside_and_the_cell_recomputed(tmp_path, toy_root, caplog):
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    summary = run_grid(grid, progress=False)
+    cells = summary.output / "cells"
+    arrays = sorted(cells.glob("*.npz"))[0]
+    good = rows(summary.output)[arrays.stem]
+    _truncate(arrays)
+    with caplog.at_level(logging.WARNING):  # the report still builds: counts from per_image_counts.npz
+        assert main(["report", str(summary.output)]) == 0
+    assert any(arrays.name in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    again = run_grid(grid, progress=False)
+    assert (again.n_run, again.n_resumed) == (1, 1)  # recomputed, not "finished" forever
+    assert rows(summary.output)[arrays.stem]["miou"] == good["miou"]
+    assert np.load(arrays)["image_ids"].size > 0  # readable again
+    kept = sorted(p.name.split(".")[1] for p in (cells / "corrupt").iterdir())
+    assert kept == ["json", "npz"]
+
+
+def test_a_truncated_per_image_store_is_rebuilt_from_the_cells(tmp_path, toy_root, caplog):
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    summary = run_grid(grid, progress=False)
+    store = summary.output / "per_image_counts.npz"
+    whole = _truncate(store)
+    with caplog.at_level(logging.WARNING):
+        assert main(["report", str(summary.output)]) == 0
+    assert any(
+        "per_image_counts.npz" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+    )
+    assert len(store.read_bytes()) == len(whole)  # rewritten whole from the cells' own arrays
+
+
+def test_a_corrupt_run_history_is_kept_aside_and_a_new_one_starts(tmp_path, toy_root, caplog):
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    summary = run_grid(grid, progress=False)
+    history = summary.output / "run.json"
+    _truncate(history)
+    with caplog.at_level(logging.WARNING):
+        assert main(["report", str(summary.output)]) == 0  # reads it as empty, warns, leaves it alone
+        again = run_grid(grid, progress=False)
+    assert again.n_resumed == 2
+    assert any("run.json" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert len(json.loads(history.read_text())["history"]) == 1
+    assert len(list(summary.output.glob("run.json.corrupt-*"))) == 1
+
+
+def test_report_on_a_folder_of_unreadable_cells_is_one_line(tmp_path, toy_root, capsys):
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], dataset_clusterers=["kmeans"]))
+    summary = run_grid(grid, progress=False, report=False)
+    for record in (summary.output / "cells").glob("*.json"):
+        record.write_text("{")
+    assert main(["report", str(summary.output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ussbench: error: no readable finished cell in "), err
+
+
 def test_orphaned_temp_files_are_cleaned_but_a_live_writers_are_kept(tmp_path, toy_root):
     grid = load_grid(
         tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"], dataset_clusterers=["kmeans"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import platform
 import shlex
@@ -24,6 +25,7 @@ from typing import Any
 from .atomic import atomic_write_json
 from .cpuinfo import cpu_model
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
@@ -100,12 +102,29 @@ def _locked(output: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def read_run(output: Path) -> dict[str, Any]:
-    """run.json of a report folder ({} if absent); a file from before the history gets it as one entry."""
+def read_run(output: Path, set_aside_corrupt: bool = False) -> dict[str, Any]:
+    """run.json of a report folder ({} if absent); a file from before the history gets it as one entry.
+
+    An unreadable file reads as {} with a warning; ``set_aside_corrupt`` (a run about to rewrite it) first
+    renames it to ``run.json.corrupt-<time>``, so the broken history is kept for inspection, not overwritten."""
     path = Path(output) / RUN_FILE
     if not path.is_file():
         return {}
-    run = json.loads(path.read_text())
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(run, dict) or not isinstance(run.get("history", []), list):
+            raise ValueError("expected a mapping with a 'history' list")
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        if set_aside_corrupt:
+            kept = path.with_name(f"{RUN_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, kept)
+            log.warning(
+                "%s is unreadable (%s); kept as %s, a new run history starts", path, reason, kept.name
+            )
+        else:
+            log.warning("%s is unreadable (%s); the report shows no run history", path, reason)
+        return {}
     if "history" not in run and run:
         legacy = {k: run[k] for k in ("started", "grid_file", "n_cells", "environment") if k in run}
         run["history"] = [{**legacy, "legacy": True}]
@@ -137,7 +156,7 @@ def start_run(output: Path, grid: Any, environment: dict[str, Any], n_cells: int
         **(extra or {}),
     }
     with _locked(output):
-        run = read_run(output)
+        run = read_run(output, set_aside_corrupt=True)
         history = run.get("history", [])
         history.append(entry)
         run.update(grid=grid.raw, grid_file=str(grid.path), environment=env, started=entry["started"],

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,27 @@ CELL_KEY_NO_CRF = "counts_per_image_no_crf"
 CELL_IDS_KEY = "image_ids"
 STORE_NAME = "per_image_counts.npz"
 STORE_VERSION = 1
+# what a truncated or damaged .npz raises while it is read
+NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
+
+
+@contextmanager
+def _unreadable_as_value_error(path: Path, what: str):
+    """Re-raise any error of reading a damaged ``.npz`` as one ValueError naming the file."""
+    try:
+        yield
+    except NPZ_ERRORS as exc:
+        raise ValueError(f"{what} {path} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def npz_problem(path: Path) -> str | None:
+    """Why an ``.npz`` cannot be read in full (truncated, bad CRC), or None when every member reads."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if bad is None else f"member {bad} fails its CRC check"
 
 
 def cell_arrays(
@@ -64,10 +88,11 @@ class StoredCell:
 
 
 def read_cell_npz(path: Path, n_clusters: int, n_classes: int, n_images: int) -> StoredCell | None:
-    """A cell's stored counts, or None when its ``.npz`` predates per-image counts (or is missing)."""
+    """A cell's stored counts, or None when its ``.npz`` predates per-image counts (or is missing); a damaged
+    file raises ValueError."""
     if not Path(path).is_file():
         return None
-    with np.load(path, allow_pickle=False) as data:
+    with _unreadable_as_value_error(path, "cell arrays"), np.load(path, allow_pickle=False) as data:
         if CELL_KEY not in data.files:
             return None
         ids = [str(x) for x in data[CELL_IDS_KEY]] if CELL_IDS_KEY in data.files else []
@@ -119,12 +144,12 @@ def write_store(path: Path, cells: dict[str, StoredCell]) -> Path:
 
 
 def read_store(path: Path) -> dict[str, StoredCell]:
-    """Every cell of a compact store (empty when the file does not exist)."""
+    """Every cell of a compact store (empty when the file does not exist); a damaged file raises ValueError."""
     path = Path(path)
     if not path.is_file():
         return {}
     out: dict[str, StoredCell] = {}
-    with np.load(path, allow_pickle=False) as data:
+    with _unreadable_as_value_error(path, "per-image store"), np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
         if meta.get("version") != STORE_VERSION:
             raise ValueError(

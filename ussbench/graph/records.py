@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_write, atomic_write_json
 from ..cache import CorruptEntry, move_aside, read_entry, write_entry
+from ..evaluation.per_image import npz_problem
 from ..locks import CellLock, entry_lock
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,12 @@ class CellStore:
             return False
         except (ValueError, KeyError, TypeError) as exc:
             move_aside(path, self.cells / "corrupt", _one_line(exc), "cell record")
+            return False
+        arrays = self.cells / f"{cell_id}.npz"
+        problem = npz_problem(arrays) if arrays.is_file() else None
+        if problem:  # the record is only as good as its arrays (panels, per-image counts): recompute both
+            move_aside(arrays, self.cells / "corrupt", problem, "cell arrays")
+            move_aside(path, self.cells / "corrupt", f"its arrays {arrays.name} are damaged", "cell record")
             return False
         return True
 

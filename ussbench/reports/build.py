@@ -14,6 +14,8 @@ import pandas as pd
 from .. import registry
 from ..atomic import atomic_write, atomic_write_text
 from ..cards import published_numbers
+from ..errors import ConfigError
+from ..evaluation.per_image import npz_problem
 from ..evaluation.statistics import DEFAULT_RESAMPLES, DEFAULT_SEED
 from ..paths import display_path
 from ..provenance import read_run
@@ -57,7 +59,9 @@ def build_report(
     output = Path(output)
     cells, from_cells = load_report_cells(output, cell_ids)
     if not cells:
-        raise ValueError(f"no finished cells in {output / 'cells'}; nothing to report")
+        raise ConfigError(
+            f"no readable finished cell in {output / 'cells'} (unreadable records are named above); nothing to report"
+        )
     results = results_frame(cells)
     board = leaderboard_frame(results)
     # cells resumed from committed results (graph/committed.py) have no panel arrays
@@ -245,7 +249,13 @@ def _first_seed_arrays(output: Path, cells: list[dict[str, Any]], cfg: pd.Series
     """The cells of one leaderboard row sorted by seed, and the saved panel arrays of its first seed (or None)."""
     chosen = _row_cells(cells, cfg)
     npz = output / "cells" / f"{chosen[0]['row']['cell_id']}.npz"
-    return chosen, (np.load(npz) if npz.is_file() else None)
+    if not npz.is_file():
+        return chosen, None
+    problem = npz_problem(npz)
+    if problem:
+        log.warning("panel arrays %s are damaged (%s); the report draws no panel from them", npz, problem)
+        return chosen, None
+    return chosen, np.load(npz)
 
 
 def _panels(output: Path, cells: list[dict[str, Any]], board: pd.DataFrame, n_configs: int) -> Path | None:

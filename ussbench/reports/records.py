@@ -98,9 +98,13 @@ def collect_per_image_counts(
         row = cell["row"]
         cid = row["cell_id"]
         n_classes = len(cell.get("class_names") or []) or len(cell["per_class_iou"])
-        fresh = read_cell_npz(
-            output / "cells" / f"{cid}.npz", int(row["n_clusters"]), n_classes, int(row["n_images"])
-        )
+        try:
+            fresh = read_cell_npz(
+                output / "cells" / f"{cid}.npz", int(row["n_clusters"]), n_classes, int(row["n_images"])
+            )
+        except ValueError as exc:
+            log.warning("%s; its per-image counts come from %s if it holds them", exc, STORE_NAME)
+            fresh = None
         if fresh is not None:
             found[cid] = fresh
         elif cid in stored:
