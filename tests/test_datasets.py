@@ -155,3 +155,22 @@ def test_missing_dataset_folder_names_the_flag(tmp_path):
         MSRCv2(data_root=None).ids()
     with pytest.raises(DataError, match=r"root folder '/no/such' does not exist"):
         MSRCv2(root="/no/such").ids()
+
+
+def test_a_limit_that_cuts_nothing_keeps_the_feature_cache_identity(toy_root):
+    whole = ImageMaskFolder(num_classes=3, root=str(toy_root))
+    n = len(whole)
+    assert (
+        ImageMaskFolder(num_classes=3, root=str(toy_root), limit=n + 5).cache_identity()
+        == whole.cache_identity()
+    )
+    cut = ImageMaskFolder(num_classes=3, root=str(toy_root), limit=n - 1)
+    assert len(cut) == n - 1 and cut.cache_identity() != whole.cache_identity()
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5, True])
+def test_a_limit_below_one_image_is_refused(toy_root, limit):
+    with pytest.raises(
+        ConfigError, match=rf"'limit' must be a positive number of images or null \(all\), got {limit!r}"
+    ):
+        len(ImageMaskFolder(num_classes=3, root=str(toy_root), limit=limit))

@@ -278,6 +278,16 @@ def _a_file(tmp_path):
     return tmp_path / "a_file"
 
 
+def _plugin_named_kmeans(tmp_path, toy_root):
+    write_text(
+        tmp_path / "my_kmeans.py",
+        "from ussbench.base import DatasetClusterer\nfrom ussbench.registry import register\n\n\n"
+        "@register('dataset_clusterer', 'kmeans')\nclass KMeans(DatasetClusterer):\n"
+        "    def __init__(self, n_clusters: int = 3):\n        self.n_clusters = n_clusters\n",
+    )
+    return ["run", "--grid", str(edit(tiny_grid(tmp_path, toy_root), plugins=["my_kmeans.py"]))]
+
+
 def _tiny(*extra):
     return lambda tmp_path, toy_root: ["run", "--grid", str(tiny_grid(tmp_path, toy_root)), *extra]
 
@@ -377,6 +387,23 @@ FAULTS = {
     "report on a file": (
         lambda t, r: ["report", str(_a_file(t))],
         r"report folder '.*a_file' is a file",
+    ),
+    "resolution below a patch": (
+        _edited(backbones=[{"name": "random_vit", "params": {"depth": 1, "resolution": 8}}]),
+        r"backbones\[0\] \(random_vit\): 'resolution' must be at least 16 pixels \(one 16-pixel patch",
+    ),
+    "backbone batch size 0": (
+        _edited(backbones=[{"name": "random_vit", "params": {"depth": 1, "batch_size": 0}}]),
+        r"backbones\[0\] \(random_vit\): 'batch_size' must be at least 1, got 0",
+    ),
+    "dataset limit 0 in the grid": (
+        _edited(datasets=[{"name": "image_folder", "params": {"num_classes": 3, "limit": 0}}]),
+        r"datasets\[0\] \(image_folder\): .*'limit' must be a positive number of images or null \(all\), got 0",
+    ),
+    "plugin takes a built-in name": (
+        _plugin_named_kmeans,
+        r"plugins\[0\]: .*'kmeans' is already registered by ussbench\.dataset_clusterers\.kmeans\.KMeansClusterer; "
+        r"KMeans in .*my_kmeans\.py must register its class under another name",
     ),
     "report on a missing folder": (
         lambda t, r: ["report", str(t / "nothing")],

@@ -124,6 +124,7 @@ def load_grid(
     # a base grid's exclude rules may name entries this grid replaced; such a rule matches no cell either way
     exclude_origin = origins.get("exclude")
     inherited_exclude = exclude_origin not in (None, sources[0]) and raw.get("exclude") is exclude_before
+    registry.load_builtins()  # first: a user plugin that takes a built-in name is then the one refused
     for i, module in enumerate(_as_list(raw.get("plugins", []) or [], f"{where}: key 'plugins'", str)):
         try:
             registry.import_plugin_module(module, base_dir=Path.cwd())

@@ -80,6 +80,7 @@ class PluginSpec:
 
 
 _registry: dict[str, dict[str, PluginSpec]] = {kind: {} for kind in KINDS}
+_USER_MODULE_PREFIX = "ussbench_user_plugin_"  # plugin files are imported under this prefix + stem + hash
 _builtins_loaded = False
 _entry_points_loaded = False
 
@@ -92,10 +93,11 @@ def register(kind: str, name: str | None = None, *, presets: dict[str, dict[str,
     def decorate(cls: type) -> type:
         plugin_name = name or cls.__name__.lower()
         existing = _registry[kind].get(plugin_name)
-        if existing is not None and existing.cls.__qualname__ != cls.__qualname__:
+        source = f"{cls.__module__}.{cls.__qualname__}"
+        if existing is not None and existing.source != source:  # the same class re-imported may re-register
             raise PluginError(
-                f"{kind} plugin {plugin_name!r} is already registered by {existing.source}; "
-                f"{cls.__module__}.{cls.__qualname__} must use another name"
+                f"{kind} plugin {plugin_name!r} is already registered by {_where(existing.cls)}; "
+                f"{_where(cls)} must register its class under another name"
             )
         spec = PluginSpec(
             kind=kind,
@@ -113,6 +115,16 @@ def register(kind: str, name: str | None = None, *, presets: dict[str, dict[str,
         return cls
 
     return decorate
+
+
+def _where(cls: type) -> str:
+    """A registered class as a user finds it: ``ussbench.x.Class``, or ``Class in /path/plugin.py`` for a
+    plugin file (whose module name is generated)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if cls.__module__.startswith(_USER_MODULE_PREFIX) and path:
+        return f"{cls.__qualname__} in {path}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _signature_params(cls: type) -> dict[str, ParamSpec]:
@@ -173,7 +185,7 @@ def import_plugin_module(ref: str, base_dir: Path | None = None) -> types.Module
         if not path.is_file():
             raise PluginError(f"plugin module file {str(path)!r} does not exist")
         # the same name in every process (str hashes are salted per process): Ray workers unpickle its objects
-        module_name = f"ussbench_user_plugin_{path.stem}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+        module_name = f"{_USER_MODULE_PREFIX}{path.stem}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
         if module_name in sys.modules:
             return sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, path)

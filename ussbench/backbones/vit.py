@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..base import Backbone, Dataset, FeatureSet, ImageFeatures
-from ..errors import BackboneWeightsError
+from ..errors import BackboneWeightsError, ConfigError
 from ..fingerprint import file_digest
 from ..reports.profile import vit_gflops
 from ..threads import decode_workers
@@ -232,7 +232,15 @@ class TimmViTBackbone(Backbone):
         )
 
     def check(self) -> None:
-        """Fail before any work on a precision that is not one of auto, fp32, bf16."""
+        """Fail before any work on a resolution below one patch, a batch size below 1, or a precision that is
+        not one of auto, fp32, bf16."""
+        patch = self._arch_patch()
+        for key, value, least in (("resolution", self.resolution, patch), ("batch_size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                unit = f" pixels (one {patch}-pixel patch of {self.arch})" if key == "resolution" else ""
+                raise ConfigError(
+                    f"{self.plugin_name}: '{key}' must be at least {least}{unit}, got {value!r}"
+                )
         self.resolved_precision()
 
     def cache_identity(self) -> dict[str, Any]:

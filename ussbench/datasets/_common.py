@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..base import Dataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 FileTriple = tuple[str, Path, Path]  # (image id, image path, label path)
@@ -146,6 +147,7 @@ class FileListDataset(Dataset):
     resize_labels: bool = False
     _table: np.ndarray
     _items: list[FileTriple] | None = None
+    _uncut_count: int = 0  # images of the split before ``limit``
 
     @abc.abstractmethod
     def _list_files(self) -> list[FileTriple]:
@@ -153,8 +155,15 @@ class FileListDataset(Dataset):
 
     def _files(self) -> list[FileTriple]:
         if self._items is None:
+            limit = self.limit
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise ConfigError(
+                    f"dataset {self.plugin_name!r}: 'limit' must be a positive number of images or null (all), "
+                    f"got {limit!r}"
+                )
             items = self._list_files()
-            self._items = items[: self.limit] if self.limit else items
+            self._uncut_count = len(items)
+            self._items = items[:limit] if limit else items
         return self._items
 
     def ids(self) -> list[str]:
@@ -174,10 +183,14 @@ class FileListDataset(Dataset):
         super().check()
         self.check_label_sizes()
 
-    def cache_identity(self) -> dict:
-        """As the base class, without ``resize_labels``: labels do not change the cached features."""
+    def cache_identity(self) -> dict[str, Any]:
+        """As the base class, without ``resize_labels`` (labels do not change the cached features), and with a
+        ``limit`` that cuts nothing (at least the split's size) read as no limit: the same images, the same
+        cached features."""
         identity = super().cache_identity()
         identity["params"].pop("resize_labels", None)
+        if self.limit is not None and self.limit >= self._uncut_count:
+            identity["params"]["limit"] = None
         return identity
 
     def header_sizes(self, index: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
