@@ -288,6 +288,11 @@ def _plugin_named_kmeans(tmp_path, toy_root):
     return ["run", "--grid", str(edit(tiny_grid(tmp_path, toy_root), plugins=["my_kmeans.py"]))]
 
 
+def _plugin_exiting(tmp_path, toy_root):
+    write_text(tmp_path / "quits.py", "import sys\n\nsys.exit(3)\n")
+    return ["run", "--grid", str(edit(tiny_grid(tmp_path, toy_root), plugins=["quits.py"]))]
+
+
 def _tiny(*extra):
     return lambda tmp_path, toy_root: ["run", "--grid", str(tiny_grid(tmp_path, toy_root)), *extra]
 
@@ -404,6 +409,38 @@ FAULTS = {
         _plugin_named_kmeans,
         r"plugins\[0\]: .*'kmeans' is already registered by ussbench\.dataset_clusterers\.kmeans\.KMeansClusterer; "
         r"KMeans in .*my_kmeans\.py must register its class under another name",
+    ),
+    "panels not a number": (
+        _tiny("--set", "protocol.panels=abc"),
+        r"protocol\.panels: expected int, got 'abc'",
+    ),
+    "negative panels": (_edited(protocol={"panels": -1}), r"protocol\.panels: expected at least 0, got -1"),
+    "res zero": (_edited(protocol={"res": 0}), r"protocol\.res: expected at least 1, got 0"),
+    "name with a slash": (
+        _tiny("--set", "name=/tmp/elsewhere"),
+        r"key 'name' \('/tmp/elsewhere'\) names the report folder",
+    ),
+    "bare seed count": (
+        _edited(seeds=3),
+        r"key 'seeds' expects a list of seeds, got the number 3: write \[3\] for that one seed, or \[0, 1, 2\] for 3 seeds",
+    ),
+    "per-image k-means n_init 0": (
+        _edited(image_clusterers=[{"name": "kmeans_per_image", "params": {"n_init": 0}}]),
+        r"image_clusterers\[0\] \(kmeans_per_image\): n_init must be >= 1, got 0",
+    ),
+    "a bad parameter on a limited grid that would clip": (
+        lambda t, r: (
+            _edited(
+                dataset_clusterers=[{"name": "kmeans", "params": {"n_clusters": 40}}],
+                image_clusterers=[{"name": "kmeans_per_image", "params": {"n_segments": 3, "max_iter": -1}}],
+            )(t, r)
+            + ["--limit", "2"]
+        ),
+        r"^ussbench: error: .*max_iter must be >= 1, got -1",  # the only line: no clipping note before it
+    ),
+    "plugin exits on import": (
+        _plugin_exiting,
+        r"plugins\[0\]: plugin module '.*quits.py' raised SystemExit on import \(line 3\): 3",
     ),
     "report on a missing folder": (
         lambda t, r: ["report", str(t / "nothing")],

@@ -158,16 +158,12 @@ def cmd_list(kind: str | None, plugins: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import limit_images, load_grid
-    from .limits import check_grid, clipping_summary
 
     overrides = {"data_root": args.data_root, "output": args.output, "cache_dir": args.cache_dir,
                  "device": args.device, "seeds": args.seeds}  # fmt: skip
     grid = load_grid(args.grid, overrides, sets=args.sets)
     if args.limit is not None:
         grid = limit_images(grid, args.limit)
-    clipped = check_grid(grid)
-    if clipped:
-        log.warning(clipping_summary(clipped))
     if args.dry_run:
         from .dryrun import describe
 

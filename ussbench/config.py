@@ -54,6 +54,13 @@ BOOL_PROTOCOL_KEYS = ("flip_tta", "crf")
 OPTIONAL_BOOL_KEYS = ("linear_probe",)
 PROTOCOL_CHOICES = {"name": ("default", "dsm_voc", "stego"), "matching": ("auto", "hungarian", "many_to_one"),
                     "objective": ("pixels", "iou")}  # fmt: skip
+PROTOCOL_MINIMUM = {"n_clusters": 1, "panels": 0, "res": 1}  # panels 0: no qualitative panels
+
+
+def _as_tuple(types_: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types_ if isinstance(types_, tuple) else (types_,)
+
+
 # Parameters the runner fills in per cell when a plugin accepts them and the grid did not set them.
 INJECTED = {"seed", "device", "n_clusters", "num_classes", "data_root", "cache_dir"}
 
@@ -133,6 +140,9 @@ def load_grid(
     name = raw.get("name") or path.stem
     if not isinstance(name, str):
         raise ConfigError(f"{where}: key 'name' expects a string, got {name!r}")
+    if name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise ConfigError(f"{where}: key 'name' ({name!r}) names the report folder reports/<name>: use no "
+                          "'/', '\\' or '..' (set 'output' to write elsewhere)")  # fmt: skip
     flagged = {key for key, value in (overrides or {}).items() if value is not None}
     seeds = _parse_seeds(raw.get("seeds", [0]), _blame("seeds", flagged, where))
     device = raw.get("device", "auto")
@@ -300,6 +310,9 @@ def _data_root(raw: dict[str, Any], where: str) -> str | None:
 
 
 def _parse_seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError(f"{where} expects a list of seeds, got the number {value}: write [{value}] for that one "
+                          f"seed, or [{', '.join(map(str, range(max(1, min(value, 5)))))}] for {max(1, min(value, 5))} seeds")  # fmt: skip
     seeds = _as_list(value, where, int)
     if not seeds:
         raise ConfigError(f"{where} must list at least one integer seed")
@@ -382,7 +395,10 @@ def _parse_protocol(raw: dict, where: str) -> dict[str, Any]:
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
         elif not isinstance(value, types_) or isinstance(value, bool):
-            raise ConfigError(f"{where}.{key}: expected {types_}, got {value!r}")
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in _as_tuple(types_))
+            raise ConfigError(f"{where}.{key}: expected {expected}, got {value!r}")
+        if key in PROTOCOL_MINIMUM and value is not None and value < PROTOCOL_MINIMUM[key]:
+            raise ConfigError(f"{where}.{key}: expected at least {PROTOCOL_MINIMUM[key]}, got {value!r}")
         if key in PROTOCOL_CHOICES and value not in PROTOCOL_CHOICES[key]:
             raise ConfigError(
                 f"{where}.{key}: expected one of {', '.join(PROTOCOL_CHOICES[key])}, got {value!r}"

@@ -194,7 +194,7 @@ def import_plugin_module(ref: str, base_dir: Path | None = None) -> types.Module
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin that calls sys.exit() on import says so too
             del sys.modules[module_name]
             raise PluginError(_import_failure(str(path), exc, path.resolve())) from exc
         return module
@@ -202,7 +202,7 @@ def import_plugin_module(ref: str, base_dir: Path | None = None) -> types.Module
         return importlib.import_module(ref)
     except ImportError as exc:
         raise PluginError(f"plugin module {ref!r} could not be imported: {exc}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PluginError(_import_failure(ref, exc, _module_file(ref))) from exc
 
 

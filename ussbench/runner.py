@@ -68,7 +68,8 @@ def _excluded(cell: Cell, rule: dict[str, str]) -> bool:
 
 
 def validate_grid(grid: Grid) -> None:
-    """Instantiate every plugin once, then check data roots and weight files, before any work starts.
+    """Instantiate every plugin once, then check data roots and weight files, then the cluster counts
+    against the vectors there can be (:func:`ussbench.limits.check_grid`), before any work starts.
 
     Two passes: every plugin's parameters are checked before any ``check()`` runs, because a backbone's check
     may convert its weights into the cache (seconds, 44 MB) and a typo in a later stage should not wait on it.
@@ -87,6 +88,11 @@ def validate_grid(grid: Grid) -> None:
         if callable(check):
             with _blamed(where, name):
                 check()
+    from .limits import check_grid, clipping_summary
+
+    clipped = check_grid(grid)  # after the plugins' own checks: a typo is reported before any clipping note
+    if clipped:
+        log.warning(clipping_summary(clipped))
 
 
 @contextmanager

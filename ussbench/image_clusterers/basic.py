@@ -48,8 +48,9 @@ class PerImageKMeans(ImageClusterer):
         seed: int = 0,
         device: str = "cpu",
     ):
-        if n_segments < 1:
-            raise ConfigError(f"kmeans_per_image: n_segments must be >= 1, got {n_segments}")
+        for key, value in (("n_segments", n_segments), ("n_init", n_init), ("max_iter", max_iter)):
+            if value < 1:
+                raise ConfigError(f"kmeans_per_image: {key} must be >= 1, got {value}")
         self.n_segments = n_segments
         self.feature = feature
         self.n_init = n_init
