@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -162,6 +163,17 @@ def test_dry_run_lists_cells_then_finished_ones_and_v_shows_each_cells_miou(tmp_
     assert code == 0 and "4 finished, 0 to run" in stdout
     assert "fingerprints" not in stdout.split("to run;")[1]  # file hashes are no stage values
     assert len([line for line in stdout.splitlines() if line.startswith("  finished ")]) == 4
+    assert re.search(r"stage values already cached: features 1/1", stdout), stdout
+
+    # damaged files: the dry run says what a run would recompute, and moves nothing
+    arrays = sorted((out / "cells").glob("*.npz"))[0]
+    arrays.write_bytes(arrays.read_bytes()[:100])
+    features = next((tmp_path / "cache" / "features").glob("*.pt"))
+    features.write_bytes(features.read_bytes()[:1000])
+    code, stdout, _ = run_cli(capsys, "run", "--grid", grid, "--seeds", 0, "--dry-run")
+    assert code == 0 and "3 finished, 1 to run (1 with damaged files, recomputed)" in stdout, stdout
+    assert re.search(r"stage values already cached: features 0/1", stdout), stdout
+    assert arrays.is_file() and features.is_file() and not (out / "cells" / "corrupt").exists()
 
 
 def test_more_clusters_than_vectors_clip_on_a_limited_run_and_are_refused_otherwise(

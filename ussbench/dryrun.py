@@ -6,6 +6,7 @@ Validates the grid like a run (data, plugins, weight files) but runs no cell and
 from __future__ import annotations
 
 import math
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,17 @@ from typing import Any
 from .config import STAGE_KEYS, Grid
 
 
-def finished_cell_ids(output: Path) -> set[str]:
-    """Ids of the cells whose record exists in ``<output>/cells``."""
-    return {p.stem for p in (output / "cells").glob("*.json")} if (output / "cells").is_dir() else set()
+def finished_cell_ids(output: Path) -> tuple[set[str], set[str]]:
+    """(ids of the cells whose record in ``<output>/cells`` reads whole, ids of those a run would find damaged
+    and recompute), without moving anything."""
+    from .graph.records import CellStore
+
+    if not (output / "cells").is_dir():
+        return set(), set()
+    store = CellStore(output)
+    ids = {p.stem for p in (output / "cells").glob("*.json")}
+    damaged = {cid for cid in ids if store.problem(cid) is not None}
+    return ids - damaged, damaged
 
 
 def cache_entries(cache_dir: Path) -> dict[str, int]:
@@ -32,7 +41,9 @@ def stage_cache_status(plan: Any, cache: Any) -> str:
     for node in plan.graph:
         if node.cached:
             total[node.kind] += 1
-            held[node.kind] += int(cache.contains(node.stage.cache_stage, node.key))
+            path = cache.path(node.stage.cache_stage, node.key)
+            # a torch file is a zip archive: a truncated one lacks its directory and would be recomputed
+            held[node.kind] += int(path is not None and path.is_file() and zipfile.is_zipfile(path))
     return ", ".join(f"{kind} {held[kind]}/{total[kind]}" for kind in total) or "no cacheable stage"
 
 
@@ -47,7 +58,7 @@ def describe(grid: Grid, reuse_committed: bool = False) -> list[str]:
 
     plan, rt = plan_grid(grid, remember=False)
     cells = plan.cells
-    done = finished_cell_ids(grid.output)
+    done, damaged = finished_cell_ids(grid.output)
     committed: set[str] = set()
     if reuse_committed and not done:  # what run --reuse-committed restores first (graph/committed.py)
         from .graph.committed import committed_cell_ids
@@ -70,6 +81,8 @@ def describe(grid: Grid, reuse_committed: bool = False) -> list[str]:
     status = Counter()
     for cell, cid in zip(cells, plan.cell_ids):
         state = "finished" if cid in done else "committed" if cid in committed else "to run"
+        if cid in damaged:
+            status["damaged"] += 1  # counted among "to run": the run moves its files aside and recomputes it
         status[state] += 1
         labels = " | ".join(cell.entry(kind).label for kind in STAGE_ORDER)
         lines.append(f"  {state:9s} {cid}  {labels} | seed {cell.seed}")
@@ -81,7 +94,8 @@ def describe(grid: Grid, reuse_committed: bool = False) -> list[str]:
     )  # fingerprints are file hashes, not stage values
     held = f"cache holds {held} entries" if held else "cache is empty"
     restorable = f"{status['committed']} restored from the committed results, " if committed else ""
-    lines.append(f"{status['finished']} finished, {restorable}{status['to run']} to run; {held}")
+    redo = f" ({status['damaged']} with damaged files, recomputed)" if status["damaged"] else ""
+    lines.append(f"{status['finished']} finished, {restorable}{status['to run']} to run{redo}; {held}")
     lines.append(f"  stage values already cached: {stage_cache_status(plan, rt.cache)}")
     lines.append(
         "dry run: no stage was computed and no result written (a backbone's weights may have been converted "

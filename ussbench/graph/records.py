@@ -48,27 +48,36 @@ class CellStore:
     def lock(self, cell_id: str) -> CellLock:
         return CellLock(self.cells / ".locks" / f"{cell_id}.lock")
 
-    def finished(self, cell_id: str) -> bool:
-        """Whether a trustworthy record of the cell exists; an unreadable one is moved aside (recomputed)."""
+    def problem(self, cell_id: str) -> tuple[str, str] | None:
+        """Why the cell's files cannot be trusted, as (file kind, reason), or None when the record and its
+        arrays read (also None when there is no record: nothing to distrust). Reads, moves nothing."""
         path = self.record_path(cell_id)
-        if not path.is_file():
-            return False
         try:
             record = read_record(path)
             if record["row"].get("cell_id") != cell_id:
                 raise ValueError(f"it holds cell {record['row'].get('cell_id')!r}")
         except FileNotFoundError:
-            return False
+            return None
         except (ValueError, KeyError, TypeError) as exc:
-            move_aside(path, self.cells / "corrupt", _one_line(exc), "cell record")
-            return False
+            return "record", _one_line(exc)
         arrays = self.cells / f"{cell_id}.npz"
-        problem = npz_problem(arrays) if arrays.is_file() else None
-        if problem:  # the record is only as good as its arrays (panels, per-image counts): recompute both
-            move_aside(arrays, self.cells / "corrupt", problem, "cell arrays")
-            move_aside(path, self.cells / "corrupt", f"its arrays {arrays.name} are damaged", "cell record")
+        reason = npz_problem(arrays) if arrays.is_file() else None
+        return ("arrays", reason) if reason else None
+
+    def finished(self, cell_id: str) -> bool:
+        """Whether a trustworthy record of the cell exists; an unreadable one is moved aside (recomputed)."""
+        path = self.record_path(cell_id)
+        if not path.is_file():
             return False
-        return True
+        found = self.problem(cell_id)
+        if found is None:
+            return path.is_file()
+        what, reason = found
+        if what == "arrays":  # the record is only as good as its arrays (panels, per-image counts): redo both
+            move_aside(self.cells / f"{cell_id}.npz", self.cells / "corrupt", reason, "cell arrays")
+            reason = f"its arrays {cell_id}.npz are damaged"
+        move_aside(path, self.cells / "corrupt", reason, "cell record")
+        return False
 
     def write(
         self, cell_id: str, row: dict[str, Any], extras: dict[str, Any], identity: dict[str, Any]
