@@ -438,6 +438,10 @@ FAULTS = {
         ),
         r"^ussbench: error: .*max_iter must be >= 1, got -1",  # the only line: no clipping note before it
     ),
+    "base names the grid itself": (
+        lambda t, r: ["run", "--grid", str(edit(tiny_grid(t, r), base="grid.yaml"))],
+        r"grid.yaml: key 'base' \('grid.yaml'\) names this grid file itself; name the grid it extends",
+    ),
     "plugin exits on import": (
         _plugin_exiting,
         r"plugins\[0\]: plugin module '.*quits.py' raised SystemExit on import \(line 3\): 3",

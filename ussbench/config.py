@@ -226,9 +226,7 @@ def read_composed(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Pat
         base = raw.pop("base", None)
         if base is not None and not isinstance(base, str):
             raise ConfigError(f"{current}: key 'base' expects a grid file name, got {base!r}")
-        current = (
-            resolve_grid_path(base, relative_to=current.parent, skip=current) if base is not None else None
-        )
+        current = _resolve_base(base, current) if base is not None else None
     merged: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     for depth, (layer, source) in enumerate(zip(reversed(layers), reversed(chain))):
@@ -236,6 +234,23 @@ def read_composed(path: Path) -> tuple[dict[str, Any], list[Path], dict[str, Pat
         merged = {**inherited, **layer} if depth else dict(layer)
         origins = {**{k: v for k, v in origins.items() if k in inherited}, **dict.fromkeys(layer, source)}
     return merged, chain, origins
+
+
+def _resolve_base(base: str, grid_file: Path) -> Path:
+    """The grid file a ``base`` key names (never the grid itself: ``my/msrc_grid.yaml`` may extend the shipped
+    ``msrc_grid.yaml``); a base that only names the grid itself is a ConfigError saying so."""
+    try:
+        return resolve_grid_path(base, relative_to=grid_file.parent, skip=grid_file)
+    except ConfigError:
+        named = grid_file.parent / Path(base).expanduser()
+        if any(
+            p.is_file() and p.resolve() == grid_file.resolve()
+            for p in (named, named.with_name(named.name + ".yaml"))
+        ):
+            raise ConfigError(
+                f"{grid_file}: key 'base' ({base!r}) names this grid file itself; name the grid it extends"
+            ) from None
+        raise
 
 
 def _read_one(path: Path) -> dict[str, Any]:
