@@ -195,6 +195,11 @@ def test_more_clusters_than_vectors_clip_on_a_limited_run_and_are_refused_otherw
     (record,) = cells(tmp_path / "out")
     assert record["row"]["n_clusters"] == 6 and record["row"]["n_segments"] == 6
     assert record["row"]["note"] == "n_clusters clipped from 40 to 6: only 6 vectors (dataset limit)"
+    # a limit that covers the whole dataset (6 images) is the full run: the same cell, refused again
+    code, _, stderr = run_cli(capsys, "run", "--grid", grid, "--no-progress", "--no-report", "--limit", 100)
+    assert code == 1 and "asks for 40 clusters but the image-level stage gave 36 vectors" in stderr, stderr
+    (again,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "cells" / "failed").glob("*.json")]
+    assert again["row"]["cell_id"] == failed["row"]["cell_id"]
 
 
 @pytest.mark.slow

@@ -534,6 +534,26 @@ def limit_images(grid: Grid, limit: int) -> Grid:
         spec = registry.get("dataset", entry.name)
         if "limit" not in spec.params:
             raise ConfigError(f"dataset {entry.name!r} takes no 'limit' parameter")
-        limited.append(replace(entry, params={**entry.params, "limit": limit}))
+        whole = _image_count(entry, grid.data_root)
+        if whole is not None and limit >= whole:  # cuts nothing: the full run (same cells, cache, refusals)
+            log.info(
+                "--limit %d covers all %d images of %s: the whole dataset is used", limit, whole, entry.label
+            )
+            limited.append(replace(entry, params={k: v for k, v in entry.params.items() if k != "limit"}))
+        else:
+            limited.append(replace(entry, params={**entry.params, "limit": limit}))
     grid.stages["datasets"] = limited
     return grid
+
+
+def _image_count(entry: StageEntry, data_root: str | None) -> int | None:
+    """Images of a dataset entry without any limit, or None when it cannot be listed yet (the grid's
+    validation then reports why)."""
+    from .errors import UssbenchError
+    from .graph.cells import build_plugin
+
+    try:
+        whole = replace(entry, params={k: v for k, v in entry.params.items() if k != "limit"})
+        return len(build_plugin(whole, {"data_root": data_root}))
+    except (UssbenchError, OSError, ValueError, TypeError):
+        return None
