@@ -151,6 +151,9 @@ def test_compare_refuses_ambiguous_rows_and_other_data(report, tmp_path, capsys)
     )
     assert main(["compare", str(report), "o", "bad"]) == 2  # 'o' matches several rows
     assert "matches" in capsys.readouterr().err
+    assert main(["compare", str(report), "zzz", "1"]) == 2  # no row: the rows are listed to choose from
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "'zzz' matches no row; the rows are 1: " in line and "2: " in line, line
     with pytest.raises(SystemExit) as exit_:
         main(["compare", str(report), "1", "2", "--resamples", "0"])
     assert exit_.value.code == 2 and "positive number of bootstrap replicates" in capsys.readouterr().err

@@ -80,6 +80,15 @@ def pick_row(folder: Path, board: pd.DataFrame, cells: list[dict[str, Any]], cou
         exact = [i for i in hits if wanted == labels[i].lower()]
         whole = [i for i in hits if all(t in pieces[i] for t in terms)]
         hits = exact or whole or hits
+        if not hits:
+            varying = [c for c in STAGE_COLUMNS if c in board and board[c].astype(str).nunique() > 1]
+            rows = "; ".join(
+                f"{i + 1}: " + " | ".join(str(cfg[c]) for c in varying)
+                for i, (_, cfg) in enumerate(board.head(20).iterrows())
+            )
+            more = f" (first 20 of {len(board)})" if len(board) > 20 else ""
+            raise ConfigError(f"{folder}: {selector!r} matches no row; the rows{more} are {rows}; give a row "
+                              "number or a piece of its label")  # fmt: skip
         if len(hits) != 1:
             shown = "; ".join(labels[i] for i in hits[:5]) if hits else "none"
             more = f", first 5 of {len(hits)}" if len(hits) > 5 else ""
