@@ -182,9 +182,10 @@ def test_more_clusters_than_vectors_clip_on_a_limited_run_and_are_refused_otherw
     """Every patch a segment (no static bound): 6 images of 2x3 patches give 36 vectors, 1 image 6; k = 40."""
     grid = tiny_grid(tmp_path, toy_root, seeds=[0], image_clusterers=["none"],
                      dataset_clusterers=[{"name": "kmeans", "params": {"n_clusters": 40}}])  # fmt: skip
-    code, _, stderr = run_cli(capsys, "run", "--grid", grid, "--no-progress", "--no-report")
+    code, stdout, stderr = run_cli(capsys, "run", "--grid", grid, "--no-progress", "--no-report")
     # the count is only known once the image-level stage ran: the cell fails (recorded, one line), exit 1
     assert code == 1 and "Traceback" not in stderr, stderr
+    assert "1 cells (0 run, 0 resumed, 1 failed)" in stdout and "(no report written)" in stdout, stdout
     assert "cell image_folder" in stderr and "| none | kmeans | none | seed 0: kmeans asks" in stderr
     assert "asks for 40 clusters but the image-level stage gave 36 vectors" in stderr
     assert cells(tmp_path / "out") == [], "the refused cell left no result record"

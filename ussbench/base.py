@@ -9,6 +9,7 @@ segment) -> evaluation. Every plugin follows scikit-learn's estimator contract: 
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .cache import stable_hash
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 # Dense feature names a FeatureSet may hold; "code" is written by feature learners.
 DENSE_FEATURES = ("tokens", "keys", "code")
@@ -171,6 +172,18 @@ class Dataset(Plugin, abc.ABC):
     def load_label(self, index: int) -> np.ndarray:
         """int64 (H, W), classes in [0, num_classes), -1 = ignore."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's ``load_image`` / ``load_label`` returns what the contract says (uint8 RGB, integer
+        labels) or raises one line naming the dataset: a float image in [0, 1] would otherwise be divided by
+        255 again and scored."""
+        super().__init_subclass__(**kwargs)
+        from .contracts import check_image, check_label_map
+
+        for name, check in (("load_image", check_image), ("load_label", check_label_map)):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_contract_checked", False):
+                setattr(cls, name, _checked_loader(method, check))
+
     def __len__(self) -> int:
         return len(self.ids())
 
@@ -178,6 +191,11 @@ class Dataset(Plugin, abc.ABC):
         """Fail early (DataError naming the path) if the data is not where the parameters say."""
         if len(self) == 0:
             raise DataError(f"dataset {self.plugin_name!r} found no images ({self.get_params()})")
+        names = getattr(self, "class_names", None)
+        if names is not None and len(names) != self.num_classes:
+            raise ConfigError(
+                f"dataset {self.plugin_name!r}: {len(names)} class names for {self.num_classes} classes"
+            )
 
     def __getitem__(self, index: int) -> Sample:
         return Sample(self.ids()[index], self.load_image(index), self.load_label(index))
@@ -203,6 +221,17 @@ class Dataset(Plugin, abc.ABC):
             "ids": stable_hash(self.ids(), 16),
             "version": self.version,
         }
+
+
+def _checked_loader(method, check):
+    """``method`` (a dataset's load_image / load_label) with its result checked by ``check``."""
+
+    @functools.wraps(method)
+    def load(self, index: int):
+        return check(method(self, index), f"dataset {self.plugin_name!r}", index)
+
+    load._contract_checked = True  # type: ignore[attr-defined]
+    return load
 
 
 class Backbone(Plugin, abc.ABC):

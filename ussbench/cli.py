@@ -176,9 +176,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("grid %s from %s; data root %s", grid.name, grid.path, grid.data_root)
     summary = run_grid(grid, progress=not args.no_progress, report=not args.no_report, executor=executor,
                        reuse_committed=args.reuse_committed)  # fmt: skip
-    print(f"grid {grid.name}: {summary.n_cells} cells ({summary.n_run} run, {summary.n_resumed} resumed) "
-          f"in {summary.total_seconds:.1f} s ({summary.seconds:.1f} s computing cells) "
-          f"-> {summary.output}/leaderboard.md")  # fmt: skip
+    failed = f", {summary.n_failed} failed" if summary.n_failed else ""
+    reported = not args.no_report and summary.n_failed < summary.n_cells  # as run_grid decides
+    target = f"{summary.output}/leaderboard.md" if reported else f"{summary.output} (no report written)"
+    print(f"grid {grid.name}: {summary.n_cells} cells ({summary.n_run} run, {summary.n_resumed} resumed{failed}) "
+          f"in {summary.total_seconds:.1f} s ({summary.seconds:.1f} s computing cells) -> {target}")  # fmt: skip
     if summary.n_failed:  # failed cells were recorded and the grid went on; the exit code says so
         log_file = summary.output / "errors.log"
         print(f"ussbench: {summary.n_failed} cell(s) failed; see {log_file}", file=sys.stderr)

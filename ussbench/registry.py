@@ -69,6 +69,7 @@ class PluginSpec:
     params: dict[str, ParamSpec]
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
+    line: int = 0  # the line of the registering decorator (a re-imported module registers again, same line)
 
     @property
     def summary(self) -> str:
@@ -94,7 +95,8 @@ def register(kind: str, name: str | None = None, *, presets: dict[str, dict[str,
         plugin_name = name or cls.__name__.lower()
         existing = _registry[kind].get(plugin_name)
         source = f"{cls.__module__}.{cls.__qualname__}"
-        if existing is not None and existing.source != source:  # the same class re-imported may re-register
+        line = sys._getframe(1).f_lineno  # where the decorated class is: two classes of one name in one file
+        if existing is not None and (existing.source != source or existing.line != line):
             raise PluginError(
                 f"{kind} plugin {plugin_name!r} is already registered by {_where(existing.cls)}; "
                 f"{_where(cls)} must register its class under another name"
@@ -105,7 +107,8 @@ def register(kind: str, name: str | None = None, *, presets: dict[str, dict[str,
             cls=cls,
             params=_signature_params(cls),
             presets=dict(presets or getattr(cls, "presets", {}) or {}),
-            source=f"{cls.__module__}.{cls.__qualname__}",
+            source=source,
+            line=line,
         )
         for preset_name, preset in spec.presets.items():
             validate_params(spec, preset, where=f"preset {preset_name!r} of {kind} {plugin_name!r}")
@@ -137,6 +140,13 @@ def _signature_params(cls: type) -> dict[str, ParamSpec]:
     for pname, p in sig.parameters.items():
         if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        if isinstance(
+            p.default, (list, dict, set, bytearray)
+        ):  # shared by every instance, mutated across cells
+            raise PluginError(
+                f"{cls.__module__}.{cls.__qualname__}: parameter {pname!r} has a mutable default "
+                f"({p.default!r}); use None or a tuple"
+            )
         params[pname] = ParamSpec(pname, hints.get(pname, p.annotation), p.default)
     return params
 
@@ -308,7 +318,15 @@ def instantiate(spec: PluginSpec, params: dict[str, Any]) -> Any:
     missing = [p.name for p in spec.params.values() if p.required and p.name not in params]
     if missing:
         raise ConfigError(f"{spec.kind} {spec.name!r} needs parameter(s) {', '.join(missing)}")
-    return spec.cls(**params)
+    plugin = spec.cls(**params)
+    hidden = [name for name in spec.params if not hasattr(plugin, name)]
+    if hidden:  # get_params() would miss them: cache keys and results could not tell settings apart
+        raise PluginError(
+            f"{spec.kind} {spec.name!r} ({_where(spec.cls)}) does not keep its parameter(s) "
+            f"{', '.join(hidden)} as attributes of the same name; store each constructor parameter as "
+            f"self.<name> (scikit-learn's estimator contract): ussbench reads them for cache keys and results"
+        )
+    return plugin
 
 
 def _matches(value: Any, annotation: Any) -> bool:

@@ -20,7 +20,7 @@ import torch
 from . import provenance
 from .atomic import clean_orphans
 from .config import STAGE_KEYS, Grid, StageEntry
-from .errors import ConfigError
+from .errors import ConfigError, UssbenchError
 from .graph.cells import STAGE_ORDER, Cell, build_plugin
 from .graph.committed import restore_committed_cells
 from .graph.executor import ExecutionSummary, Executor, InProcessExecutor, RecordContext
@@ -101,15 +101,14 @@ def _blamed(where: str, plugin_name: str | None = None):
     (which names the plugin, so a message that starts with the plugin's name loses that prefix)."""
     try:
         yield
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        message = str(exc)
+    except Exception as exc:  # a user plugin's own error too (TypeError of an abstract class, ...): one line
+        lines = str(exc).strip().splitlines()
+        message = str(exc) if isinstance(exc, UssbenchError) else lines[0] if lines else type(exc).__name__
         if plugin_name and message.startswith(f"{plugin_name}: "):
             message = message[len(plugin_name) + 2 :]
-        raise (
-            type(exc)(f"{where}: {message}")
-            if isinstance(exc, ConfigError)
-            else ConfigError(f"{where}: {message}")
-        ) from exc
+        if not isinstance(exc, (UssbenchError, FileNotFoundError, ValueError)):
+            message = f"{type(exc).__name__}: {message}"
+        raise (type(exc) if isinstance(exc, ConfigError) else ConfigError)(f"{where}: {message}") from exc
 
 
 def _validation_injections(entry: StageEntry, grid: Grid) -> dict[str, Any]:

@@ -40,10 +40,12 @@ class ConfusionMatrix:
         ``image``: the image's index in the split (default: the next one); an image without a valid pixel
         still counts as an image of the split.
         """
-        pred = np.asarray(pred).reshape(-1)
-        gt = np.asarray(gt).reshape(-1)
-        if pred.shape != gt.shape:
-            raise ValueError(f"prediction has {pred.size} pixels, label has {gt.size}")
+        pred, gt = np.asarray(pred), np.asarray(gt)
+        if pred.shape != gt.shape:  # the same pixels in the same layout: a transposed map is no match
+            raise ValueError(f"prediction has shape {pred.shape}, label has {gt.shape}")
+        if not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(gt.dtype, np.integer)):
+            raise ValueError(f"predictions and labels must be integer ids, got {pred.dtype} and {gt.dtype}")
+        pred, gt = pred.reshape(-1), gt.reshape(-1)
         index = self.n_images if image is None else int(image)
         if index < 0:
             raise ValueError(f"image index must be >= 0, got {index}")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..base import Dataset, FeatureSet, Segmentation
+from ..contracts import check_prediction
 from ..evaluation.metrics import ConfusionMatrix, evaluate_counts
 from ..evaluation.per_image import cell_arrays
 from ..evaluation.protocols import ProtocolSpec, flip_average, get_protocol, stego_pixel_logits, upsample_code
@@ -185,7 +186,8 @@ def evaluate_predictions(setup: EvaluationSetup, pixels: Iterable[Prediction]) -
         else:
             for i, pred, _ in progress:
                 if post is not None:
-                    pred = post.apply(setup.dataset.load_image(i), pred, setup.n_pred)
+                    refined = post.apply(setup.dataset.load_image(i), pred, setup.n_pred)
+                    pred = check_prediction(refined, pred.shape, f"postprocess {post.plugin_name!r}", i)
                 finish(i, pred)
     matching, objective = setup.protocol["matching"], setup.protocol["objective"]
     scores = evaluate_counts(conf.counts, matching, objective)

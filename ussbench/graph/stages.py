@@ -17,6 +17,7 @@ import torch
 
 from ..base import FeatureSet, Segmentation, StageContext
 from ..config import StageEntry
+from ..contracts import check_labels, check_segmentations
 from ..errors import ConfigError
 from ..evaluation.cell_covering import segment_covering_cells
 from ..evaluation.upsample import nearest_counter
@@ -145,7 +146,11 @@ class SegmentsStage(Stage):
         ic = build_plugin(self.clusterer, {"seed": self.seed, "device": str(rt.device)})
         ctx = StageContext(rt.device, self.seed, dataset, backbone, dataset.num_classes, rt.progress)
         ic.fit(features, ctx)
-        return {"segments": ic.predict(features, ctx), "artifacts": ic.artifacts()}
+        segments = ic.predict(features, ctx)
+        check_segmentations(
+            segments, [im.grid for im in features], f"image clusterer {self.clusterer.name!r}"
+        )
+        return {"segments": segments, "artifacts": ic.artifacts()}
 
     def rng_seed(self) -> int:  # a clusterer without a seed is one node for every seed: seed its RNGs alike
         return self.seed if takes_seed(self.clusterer) else 0
@@ -177,11 +182,10 @@ class AssignmentStage(Stage):
             entry, k_dc, note = fit_clusters_to_vectors(self.cell, entry, k_dc, int(X.shape[0]))
         dc = build_plugin(entry, {"seed": self.seed, "device": str(rt.device), "n_clusters": k_dc})
         k_dc = int(getattr(dc, "n_clusters", k_dc))
-        assigned = dc.fit(X).predict(X).long().cpu()
-        if assigned.shape[0] != X.shape[0] or int(assigned.min()) < 0 or int(assigned.max()) >= k_dc:
-            raise ValueError(
-                f"dataset clusterer {self.clusterer.name!r} returned labels outside [0, {k_dc}) or of wrong length"
-            )
+        dc.fit(X)  # its return value is not used: fit need not return self
+        assigned = check_labels(
+            dc.predict(X), int(X.shape[0]), k_dc, f"dataset clusterer {self.clusterer.name!r}"
+        )
         return {"clusterer": dc, "assigned": assigned, "k_dc": k_dc, "n_pred": k_dc + int(has_bg),
                 "n_segments": int(X.shape[0]), "artifacts": dc.artifacts(),
                 "params": build_params_for_record(entry, dc), "note": note}  # fmt: skip
