@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import tiny_grid
 from ussbench import registry
-from ussbench.base import DatasetClusterer, ImageClusterer, PostProcess, Segmentation
+from ussbench.base import DatasetClusterer, FeatureLearner, ImageClusterer, PostProcess, Segmentation
 from ussbench.config import load_grid
 from ussbench.datasets.folder import ImageMaskFolder
 from ussbench.errors import ConfigError, PluginError
@@ -94,6 +94,31 @@ class FloatImageFolder(ImageMaskFolder):
 
     def load_image(self, index):
         return super().load_image(index).astype(np.float32) / 255.0
+
+
+@register("feature_learner", "contract_codes")
+class BrokenCodes(FeatureLearner):
+    """Codes = the tokens, returned the way ``mode`` says."""
+
+    def __init__(self, mode: str = "ok"):
+        self.mode = mode
+
+    def fit(self, features, ctx):
+        return self
+
+    def transform(self, features, ctx):
+        codes = []
+        for i, im in enumerate(features):
+            code = im.dense("tokens").float()
+            if self.mode == "flat":
+                code = code.reshape(-1, code.shape[-1])
+            elif self.mode == "nan":
+                code = code.clone()
+                code[0, 0, 0] = float("nan")
+            elif self.mode == "mixed" and i == 1:
+                code = code[..., :8]
+            codes.append(code)
+        return features.with_code(codes)
 
 
 def _run(tmp_path, toy_root, **stages):
@@ -238,3 +263,20 @@ def test_class_names_must_match_the_class_count(toy_root):
     folder.class_names = ["a", "b"]  # a user dataset that lists fewer names than classes
     with pytest.raises(ConfigError, match=r"2 class names for 3 classes"):
         folder.check()
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("flat", r"image 0: code has shape \(6, \d+\); expected \(2, 3, D\) on the image's patch grid"),
+        ("nan", r"image 0: code holds NaN or inf"),
+        ("mixed", r"codes of different widths \[8, \d+\]"),
+    ],
+)
+def test_broken_codes_fail_the_cell_naming_the_feature_learner(tmp_path, toy_root, mode, message):
+    summary = _run(
+        tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"],
+        feature_learners=[{"name": "contract_codes", "params": {"mode": mode}}],
+    )  # fmt: skip
+    line = _one_failure(summary)
+    assert "feature learner 'contract_codes': " in line and re.search(message, line), line

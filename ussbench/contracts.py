@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_image", "check_label_map", "check_labels", "check_prediction", "check_segmentations"]
+__all__ = ["check_codes", "check_image", "check_label_map", "check_labels", "check_prediction",
+           "check_segmentations"]  # fmt: skip
 
 
 def _is_integer(dtype: Any) -> bool:
@@ -125,3 +126,30 @@ def check_prediction(pred: Any, shape: tuple[int, ...], who: str, index: int) ->
             f"expected integer cluster ids of the label's shape {tuple(shape)}"
         )
     return pred_array
+
+
+def check_codes(transformed: Any, grids: Sequence[tuple[int, int]], who: str) -> list[torch.Tensor]:
+    """A feature learner's ``transform``: one float code (h, w, D) per image on its patch grid, one D for all,
+    finite; returns the codes."""
+    images = getattr(transformed, "images", transformed)
+    if not isinstance(images, Sequence) or len(images) != len(grids):
+        got = len(images) if isinstance(images, Sequence) else type(transformed).__name__
+        raise ValueError(f"{who}: transform returned {got} images for {len(grids)}; expected a FeatureSet")
+    codes, dims = [], set()
+    for i, (im, (h, w)) in enumerate(zip(images, grids)):
+        code = getattr(im, "code", None)
+        if not isinstance(code, torch.Tensor) or not code.is_floating_point():
+            got = code.dtype if isinstance(code, torch.Tensor) else type(code).__name__
+            raise ValueError(
+                f"{who}: image {i}: code is {got}; expected a float tensor (h, w, D) (FeatureSet.with_code)"
+            )
+        if code.ndim != 3 or tuple(code.shape[:2]) != (h, w):
+            raise ValueError(f"{who}: image {i}: code has shape {tuple(code.shape)}; expected ({h}, {w}, D) on the "
+                             "image's patch grid")  # fmt: skip
+        if not bool(torch.isfinite(code).all()):
+            raise ValueError(f"{who}: image {i}: code holds NaN or inf")
+        dims.add(int(code.shape[2]))
+        codes.append(code)
+    if len(dims) > 1:
+        raise ValueError(f"{who}: codes of different widths {sorted(dims)}; expected one D for every image")
+    return codes

@@ -17,7 +17,7 @@ import torch
 
 from ..base import FeatureSet, Segmentation, StageContext
 from ..config import StageEntry
-from ..contracts import check_labels, check_segmentations
+from ..contracts import check_codes, check_labels, check_segmentations
 from ..errors import ConfigError
 from ..evaluation.cell_covering import segment_covering_cells
 from ..evaluation.upsample import nearest_counter
@@ -92,11 +92,12 @@ class LearnedStage(Stage):
         learner = build_plugin(self.learner, {"seed": self.seed, "device": str(rt.device), "num_classes": n})
         ctx = StageContext(rt.device, self.seed, dataset, backbone, n, rt.progress)
         features: FeatureSet = inputs["features"]
+        grids, who = [im.grid for im in features], f"feature learner {self.learner.name!r}"
         start = time.perf_counter()
         learner.fit(features, ctx)
         fit_seconds = time.perf_counter() - start
         stored = {
-            "codes": [im.code for im in learner.transform(features, ctx)],
+            "codes": check_codes(learner.transform(features, ctx), grids, who),
             "artifacts": learner.artifacts(),
             # the training time travels with the cached codes: a later run that loads them still reports it
             "fit_seconds": fit_seconds,
@@ -108,7 +109,10 @@ class LearnedStage(Stage):
             fctx = StageContext(
                 rt.device, self.seed, rt.dataset(self.dataset, flip=True), backbone, n, rt.progress
             )
-            stored["flipped_codes"] = [im.code for im in learner.transform(inputs["flipped"], fctx)]
+            flipped = inputs["flipped"]
+            stored["flipped_codes"] = check_codes(
+                learner.transform(flipped, fctx), [im.grid for im in flipped], who
+            )
         return stored
 
     def rng_seed(self) -> int:
