@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import tiny_grid
 from ussbench import registry
+from ussbench.base import DatasetClusterer
 from ussbench.config import load_grid
 from ussbench.errors import ConfigError, PluginError
 from ussbench.runner import run_grid
@@ -82,9 +83,21 @@ def test_name_clash_with_another_class_is_refused():
     with pytest.raises(PluginError, match="already registered"):
 
         @registry.register("dataset_clusterer", "kmeans")
-        class Other:  # noqa: F811
+        class Other(DatasetClusterer):  # noqa: F811
             def __init__(self):
                 pass
+
+
+def test_a_class_that_is_not_of_its_kind_is_refused():
+    with pytest.raises(
+        PluginError,
+        match=r"Plain is registered as a postprocess but does not subclass ussbench\.base\.PostProcess",
+    ):
+
+        @registry.register("postprocess", "contract_plain")
+        class Plain:
+            def apply(self, image, labels, n_labels, probs=None):
+                return labels
 
 
 def test_decorator_in_a_user_module_named_in_the_grid(tmp_path, toy_root):

@@ -63,6 +63,7 @@ def check_segmentations(segments: Any, grids: Sequence[tuple[int, int]], who: st
         )
     if len(segments) != len(grids):
         raise ValueError(f"{who}: predict returned {len(segments)} segmentations for {len(grids)} images")
+    widths: dict[int, int] = {}  # vector width -> first image with it
     for i, (seg, (h, w)) in enumerate(zip(segments, grids)):
         where = f"{who}: image {i}"
         if not isinstance(seg, Segmentation):
@@ -86,6 +87,12 @@ def check_segmentations(segments: Any, grids: Sequence[tuple[int, int]], who: st
                 else type(vectors)
             )
             raise ValueError(f"{where}: vectors are {got}; expected a float torch tensor (segments, D)")
+        widths.setdefault(int(vectors.shape[1]), i)
+        if len(widths) > 1:
+            (d0, i0), (d1, i1) = sorted(widths.items(), key=lambda kv: kv[1])[:2]
+            raise ValueError(
+                f"{who}: image {i1}'s vectors are {d1}-dimensional, image {i0}'s {d0}; expected one width"
+            )
         if not bool(torch.isfinite(vectors).all()):
             bad = int((~torch.isfinite(vectors)).any(1).sum())
             raise ValueError(f"{where}: {bad} of {vectors.shape[0]} segment vectors hold NaN or inf")

@@ -93,6 +93,12 @@ def register(kind: str, name: str | None = None, *, presets: dict[str, dict[str,
 
     def decorate(cls: type) -> type:
         plugin_name = name or cls.__name__.lower()
+        base = _base_class(kind)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(
+                f"{getattr(cls, '__qualname__', cls)!s} is registered as a {kind} but does not subclass "
+                f"ussbench.base.{base.__name__} (whose methods ussbench calls)"
+            )
         existing = _registry[kind].get(plugin_name)
         source = f"{cls.__module__}.{cls.__qualname__}"
         line = sys._getframe(1).f_lineno  # where the decorated class is: two classes of one name in one file
@@ -118,6 +124,15 @@ def register(kind: str, name: str | None = None, *, presets: dict[str, dict[str,
         return cls
 
     return decorate
+
+
+def _base_class(kind: str) -> type:
+    """The ussbench.base class a plugin of ``kind`` subclasses."""
+    from . import base
+
+    return {"dataset": base.Dataset, "backbone": base.Backbone, "feature_learner": base.FeatureLearner,
+            "image_clusterer": base.ImageClusterer, "dataset_clusterer": base.DatasetClusterer,
+            "postprocess": base.PostProcess}[kind]  # fmt: skip
 
 
 def _where(cls: type) -> str:
