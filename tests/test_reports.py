@@ -413,3 +413,38 @@ def test_html_sort_keys_read_bounded_p_values():
     keys = [float(sort_value(text)) for text in shown]
     assert keys == sorted(keys, reverse=True) and keys[-1] == pytest.approx(1e-3)
     assert sort_value(fmt_p(float("nan"), 999)) == ""
+
+
+def test_one_seed_rows_have_no_std_in_the_csv(tmp_path):
+    """A std over one seed is undefined: blank in leaderboard.csv, not 0.0 (which reads as certainty)."""
+    out = tmp_path / "one"
+    write_fake_cells(out, {"raw tokens": 0.3, "good": 0.7}, seeds=(0,))
+    write_fake_cells(out, {"three": 0.5}, seeds=(0, 1, 2))
+    build_report(out, "one", n_resamples=100)
+    table = pd.read_csv(out / "leaderboard.csv").set_index("image_clusterer")
+    assert table.loc["good", "seeds"] == 1 and np.isnan(table.loc["good", "miou_std"])
+    assert np.isnan(table.loc["good", "acc_std"]) and table.loc["three", "miou_std"] > 0
+
+
+def test_identical_scores_get_their_own_verdict():
+    from ussbench.evaluation.statistics import PairedDelta, RowBootstrap
+    from ussbench.reports.compare import verdict
+    from ussbench.reports.comparisons import _verdict
+
+    assert verdict(False, 1.0, identical=True) == "identical scores (no difference to decide)"
+    assert verdict(False, 1.0) == "not decided (the interval contains 0)"
+    boot = RowBootstrap.__new__(RowBootstrap)
+    assert _verdict(PairedDelta(0.0, 0.0, 0.0, 1.0), boot, boot, 0.95).startswith("identical scores")
+
+
+def test_compare_picks_a_row_by_the_label_its_no_match_error_lists(tmp_path, capsys):
+    out = tmp_path / "nones"
+    write_fake_cells(out, {"none": 0.3, "km": 0.6})  # an image clusterer labelled 'none' (raw tokens)
+    build_report(out, "nones", n_resamples=50)
+    assert main(["compare", str(out), "nothing like it", "1"]) == 2
+    listed = capsys.readouterr().err.split("the rows are ")[1].split("; give")[0]
+    labels = dict(item.split(": ", 1) for item in listed.split("; "))
+    assert set(labels.values()) == {"none", "km"}
+    row_of_none = next(n for n, lab in labels.items() if lab == "none")
+    assert main(["compare", str(out), "none", "km", "--resamples", "50"]) == 0
+    assert f" row {row_of_none}: " in capsys.readouterr().out.splitlines()[0]

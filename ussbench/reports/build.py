@@ -168,6 +168,12 @@ def _leaderboard_csv(board: pd.DataFrame, stats: BoardStatistics) -> pd.DataFram
     """The leaderboard with its statistics as numbers (one row per configuration), for citing and plotting."""
     keep = [c for c in board.columns if not c.startswith("time_") and c not in ("peak_gpu_mb", "peak_rss_mb")]
     frame = board[keep].copy()
+    one_seed = (
+        frame["seeds"] < 2
+    )  # a std over one seed is undefined: blank, not a 0.0 that reads as certainty
+    for col in ("miou_std", "acc_std", "miou_no_crf_std"):
+        if col in frame:
+            frame.loc[one_seed, col] = np.nan
     for col in stats.table.columns:
         frame[col] = (
             pd.to_numeric(stats.table[col], errors="coerce") if col != "is_baseline" else stats.table[col]

@@ -76,12 +76,16 @@ def pick_row(folder: Path, board: pd.DataFrame, cells: list[dict[str, Any]], cou
         pieces = [{p.lower() for p in lab.split(" | ")} for lab in labels]
         hits = [i for i, lab in enumerate(labels) if all(t in lab.lower() for t in terms)]
         wanted = selector.strip().lower()
-        # prefer the whole label, then rows of which every term is a whole piece, then substrings
-        exact = [i for i in hits if wanted == labels[i].lower()]
+        # the stages that differ between rows, 'none' included: what the no-match error lists ('none | flaky')
+        varying = [c for c in STAGE_COLUMNS if c in board and board[c].astype(str).nunique() > 1]
+        short = [" | ".join(str(cfg[c]) for c in varying).lower() for _, cfg in board.iterrows()]
+        # prefer the whole label (or the listed one), then rows of which every term is a whole piece, then substrings
+        exact = [
+            i for i in range(len(labels)) if wanted == labels[i].lower() or " | ".join(terms) == short[i]
+        ]
         whole = [i for i in hits if all(t in pieces[i] for t in terms)]
         hits = exact or whole or hits
         if not hits:
-            varying = [c for c in STAGE_COLUMNS if c in board and board[c].astype(str).nunique() > 1]
             rows = "; ".join(
                 f"{i + 1}: " + " | ".join(str(cfg[c]) for c in varying)
                 for i, (_, cfg) in enumerate(board.head(20).iterrows())
@@ -141,16 +145,19 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
         lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
                      f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
     lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "
-                 f"{verdict(d.decided, d.p_value, level)}")  # fmt: skip
+                 f"{verdict(d.decided, d.p_value, level, identical=d.delta == d.low == d.high == 0.0)}")  # fmt: skip
     lines.append(f"{boots['a'].n_images} images; {METHOD.format(B=n_resamples, seed=seed, level=level)}.")
     return "\n".join(lines)
 
 
-def verdict(decided: bool, p_value: float, level: float = DEFAULT_LEVEL) -> str:
+def verdict(decided: bool, p_value: float, level: float = DEFAULT_LEVEL, identical: bool = False) -> str:
     """The comparison's verdict; the interval decides. At its edge the p-value (from the centred replicates)
-    can fall below 1 - level while the basic interval still touches 0: then the line says which one decides."""
+    can fall below 1 - level while the basic interval still touches 0: then the line says which one decides.
+    ``identical``: every replicate ties (the same scores), which no number of images or seeds would change."""
     if decided:
         return "decided"
+    if identical:
+        return "identical scores (no difference to decide)"
     text = "not decided (the interval contains 0)"
     if p_value < 1 - level:
         text += "; the interval decides: the p-value comes from the centred replicates, not from the interval"

@@ -219,6 +219,8 @@ def decided_summary(board: pd.DataFrame, stats: BoardStatistics, top: int = 6) -
 def _verdict(d: PairedDelta, a: RowBootstrap, b: RowBootstrap, level: float) -> str:
     if d.decided:
         return "decided"
+    if d.delta == d.low == d.high == 0.0:  # every replicate ties: no images or seeds would help
+        return "identical scores (no difference to decide)"
     need = seeds_to_decide(a, b, level)
     if need is None:
         return "not decided" + (
