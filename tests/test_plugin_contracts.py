@@ -130,7 +130,9 @@ def _run(tmp_path, toy_root, **stages):
     return summary
 
 
-def _one_failure(summary) -> str:
+def _failure_line(tmp_path, toy_root, **stages) -> str:
+    """Run the grid; every cell must fail (a broken plugin never scores), each with one line: the first."""
+    summary = _run(tmp_path, toy_root, **stages)
     assert summary.n_failed >= 1 and summary.n_run == 0, "a broken plugin must fail its cells, not score them"
     assert all("\n" not in f for f in summary.failures)
     return summary.failures[0]
@@ -148,11 +150,10 @@ def _one_failure(summary) -> str:
     ],
 )
 def test_a_broken_segmentation_fails_its_cell_naming_the_image_clusterer(tmp_path, toy_root, mode, message):
-    summary = _run(
+    line = _failure_line(
         tmp_path, toy_root, image_clusterers=[{"name": "contract_segments", "params": {"mode": mode}}],
         dataset_clusterers=["kmeans"],
     )  # fmt: skip
-    line = _one_failure(summary)
     assert "image clusterer 'contract_segments': image " in line
     assert re.search(message, line), line
 
@@ -166,11 +167,10 @@ def test_a_broken_segmentation_fails_its_cell_naming_the_image_clusterer(tmp_pat
     ],
 )
 def test_broken_labels_fail_the_cell_naming_the_dataset_clusterer(tmp_path, toy_root, mode, message):
-    summary = _run(
+    line = _failure_line(
         tmp_path, toy_root, image_clusterers=["none"],
         dataset_clusterers=[{"name": "contract_labels", "params": {"mode": mode}}],
     )  # fmt: skip
-    line = _one_failure(summary)
     assert "dataset clusterer 'contract_labels': " in line
     assert re.search(message, line), line
 
@@ -185,11 +185,10 @@ def test_integer_numpy_labels_and_a_fit_without_return_value_are_accepted(tmp_pa
 
 @pytest.mark.parametrize("mode", ["transposed", "float"])
 def test_a_broken_post_processor_fails_its_cell(tmp_path, toy_root, mode):
-    summary = _run(
+    line = _failure_line(
         tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"],
         postprocess=[{"name": "contract_post", "params": {"mode": mode}}],
     )  # fmt: skip
-    line = _one_failure(summary)
     assert (
         "postprocess 'contract_post': image 0: returned a" in line
         and "expected integer cluster ids of the label's shape (48, 64)" in line
@@ -197,11 +196,10 @@ def test_a_broken_post_processor_fails_its_cell(tmp_path, toy_root, mode):
 
 
 def test_a_float_image_is_refused_naming_the_dataset(tmp_path, toy_root):
-    summary = _run(
+    line = _failure_line(
         tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"],
         datasets=[{"name": "contract_float_folder", "params": {"num_classes": 3}}],
     )  # fmt: skip
-    line = _one_failure(summary)
     assert (
         "dataset 'contract_float_folder': load_image(0) returned a float32 array of shape (48, 64, 3)" in line
     )
@@ -277,9 +275,8 @@ def test_class_names_must_match_the_class_count(toy_root):
     ],
 )
 def test_broken_codes_fail_the_cell_naming_the_feature_learner(tmp_path, toy_root, mode, message):
-    summary = _run(
+    line = _failure_line(
         tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"],
         feature_learners=[{"name": "contract_codes", "params": {"mode": mode}}],
     )  # fmt: skip
-    line = _one_failure(summary)
     assert "feature learner 'contract_codes': " in line and re.search(message, line), line
