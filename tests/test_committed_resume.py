@@ -117,7 +117,8 @@ def test_a_sub_grid_restores_the_whole_committed_report(committed, tmp_path, toy
     from ussbench.cli import main
 
     grid, before, _ = committed
-    sub = load_grid(tiny_grid(tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"]))
+    sub_file = tiny_grid(tmp_path, toy_root, image_clusterers=["none"], dataset_clusterers=["kmeans"])
+    sub = load_grid(sub_file.rename(tmp_path / "sub.yaml"))  # its own file, as study_*_full_abc.yaml
     assert (run_grid(sub, progress=False, reuse_committed=True).n_resumed) == 2
     assert main(["report", str(grid.output)]) == 0
     assert set(pd.read_parquet(grid.output / "results.parquet").cell_id) == set(before.cell_id)

@@ -249,6 +249,41 @@ def test_run_history_is_appended(tmp_path, toy_root):
     assert "**6 images scored**" in md and "2 run(s) into this folder" in md
 
 
+def test_report_covers_the_latest_run_of_each_grid_file(tmp_path, toy_root):
+    """`ussbench report` after a rerun with fewer seeds leaves the dropped seed out; a sub-grid file run into the
+    same folder adds its cells; --all-cells reports every cell. Before, `report` read every cell in the folder
+    (the dropped seed came back into the mean)."""
+    from tests.conftest import tiny_grid
+    from ussbench.config import load_grid
+    from ussbench.runner import run_grid
+
+    one = {"image_clusterers": ["none"], "dataset_clusterers": ["kmeans"], "name": "main-grid"}
+    run_grid(load_grid(tiny_grid(tmp_path, toy_root, seeds=[0, 1], **one)), progress=False)
+    grid = load_grid(tiny_grid(tmp_path, toy_root, seeds=[0], **one))
+    run_grid(grid, progress=False)
+    out = grid.output
+    assert len(pd.read_csv(out / "results.csv")) == 1  # the run's own report: its planned cells
+    assert main(["report", str(out)]) == 0
+    assert pd.read_csv(out / "results.csv").seed.tolist() == [0]
+    md = (out / "leaderboard.md").read_text()
+    assert md.startswith("# Leaderboard: main-grid") and "Cells: those of the latest run of grid.yaml" in md
+    from ussbench.reports.compare import _load
+
+    assert {c["row"]["seed"] for c in _load(out)[1]} == {0}  # `compare` picks rows from the same cells
+    # a sub-grid (another file, same output folder) adds its rows
+    sub = tiny_grid(tmp_path, toy_root, seeds=[0], **{**one, "dataset_clusterers": ["km-sklearn-only"]})
+    sub = sub.rename(tmp_path / "sub.yaml")
+    text = sub.read_text().replace("- km-sklearn-only", "- {name: kmeans, label: km-sk, params: {engine: sklearn}}")
+    sub.write_text(text)
+    run_grid(load_grid(sub), progress=False)
+    assert main(["report", str(out)]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results.dataset_clusterer) == ["km-sk", "kmeans"] and set(results.seed) == {0}
+    assert "latest run of each of grid.yaml, sub.yaml" in (out / "leaderboard.md").read_text()
+    assert main(["report", str(out), "--all-cells"]) == 0
+    assert len(pd.read_csv(out / "results.csv")) == 3  # seed 1 of the first run too
+
+
 def test_grid_baseline_key_is_validated(tmp_path, toy_root):
     from tests.conftest import tiny_grid
     from ussbench.config import load_grid

@@ -90,7 +90,9 @@ def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="rebuild the report of a grid output folder from its finished cells")
     _logging_options(rep, suppress=True)
     rep.add_argument("output", help="the grid's output folder, e.g. reports/msrc")
-    rep.add_argument("--name", help="grid name shown in the report (default: folder name)")
+    rep.add_argument("--name", help="grid name shown in the report (default: the latest run's grid name)")
+    rep.add_argument("--all-cells", action="store_true",
+                     help="report every finished cell in the folder, not only those of each grid file's latest run")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,8 +190,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(output: str, name: str | None) -> int:
+def cmd_report(output: str, name: str | None, all_cells: bool = False) -> int:
     from .reports.build import build_report
+    from .reports.records import report_scope
 
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -203,9 +206,19 @@ def cmd_report(output: str, name: str | None) -> int:
             f"{output!r} holds no finished cells ({out / 'cells'}/*.json) and no results.parquet: not a grid output "
             "folder, or no cell has finished yet (run the grid first)"
         )
-    paths = build_report(out, grid_name=name or out.resolve().name)
+    cell_ids, scope = report_scope(out, all_cells)
+    paths = build_report(out, grid_name=name or _latest_grid_name(out), cell_ids=cell_ids, scope=scope)
     print(f"report written: {paths['markdown']}")
     return 0
+
+
+def _latest_grid_name(folder: Path) -> str:
+    """The grid name of the folder's latest run (run.json), else the folder's name."""
+    from .provenance import read_run
+
+    run = read_run(folder)
+    history = run.get("history") or [{}]
+    return str(history[-1].get("grid_name") or (run.get("grid") or {}).get("name") or folder.resolve().name)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args)
         if args.command == "report":
-            return cmd_report(args.output, args.name)
+            return cmd_report(args.output, args.name, args.all_cells)
     except UssbenchError as exc:
         print("ussbench: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2

@@ -132,10 +132,13 @@ def read_run(output: Path, set_aside_corrupt: bool = False) -> dict[str, Any]:
 
 
 def start_run(output: Path, grid: Any, environment: dict[str, Any], n_cells: int,
-              argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
+              argv: list[str] | None = None, extra: dict[str, Any] | None = None,
+              cell_ids: list[str] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
     """Append this run to ``output/run.json``; returns (the environment rows record, the entry's index).
 
     ``extra``: more facts of the run for its entry and the top level (e.g. the executor's name).
+    ``cell_ids``: the cells this run planned, so ``ussbench report`` knows which cells are current
+    (:func:`current_cell_ids`).
 
     The top-level keys (grid, grid_file, environment, started, n_cells) describe the latest run, as before.
     """
@@ -155,6 +158,8 @@ def start_run(output: Path, grid: Any, environment: dict[str, Any], n_cells: int
         "environment": env,
         **(extra or {}),
     }
+    if cell_ids is not None:
+        entry["cell_ids"] = sorted(cell_ids)
     with _locked(output):
         run = read_run(output, set_aside_corrupt=True)
         history = run.get("history", [])
@@ -185,6 +190,29 @@ def finish_run(
             if total_seconds is not None:
                 history[index]["total_seconds"] = round(total_seconds, 2)
             atomic_write_json(Path(output) / RUN_FILE, run)
+
+
+def grid_key(entry: dict[str, Any]) -> str:
+    """Which grid a history entry ran: its grid file's name (a clone elsewhere keeps it), else its grid name."""
+    grid_file = entry.get("grid_file")
+    return Path(grid_file).name if grid_file else str(entry.get("grid_name") or "?")
+
+
+def current_cell_ids(run: dict[str, Any]) -> tuple[set[str] | None, list[str]]:
+    """(the cells a folder's report covers, the grid files they come from): for each grid file that ran into
+    the folder, the cells of its latest run.
+
+    A rerun of a grid with fewer seeds or entries thus drops the cells it no longer plans, while a sub-grid
+    run into the same folder (``study_msrc_full_abc.yaml`` beside ``study_msrc_full.yaml``) adds its cells.
+    None (every cell in the folder) when a latest run predates the record of cell ids, or there is no history.
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in run.get("history") or []:
+        if isinstance(entry, dict) and not entry.get("legacy"):
+            latest[grid_key(entry)] = entry
+    if not latest or any(not isinstance(e.get("cell_ids"), list) for e in latest.values()):
+        return None, sorted(latest)
+    return {str(c) for e in latest.values() for c in e["cell_ids"]}, sorted(latest)
 
 
 def environment_signature(env: dict[str, Any]) -> tuple[str, str]:

@@ -184,8 +184,8 @@ def run_grid(
         restore_committed_cells(plan, store)
     executor = executor or InProcessExecutor()
     env, run_index = provenance.start_run(
-        out, grid, environment_info(rt.device), len(plan.cells), extra={"executor": executor.name}
-    )  # run.json history (provenance.py)
+        out, grid, environment_info(rt.device), len(plan.cells), extra={"executor": executor.name}, cell_ids=plan.cell_ids
+    )  # fmt: skip  # run.json history (provenance.py)
     start = time.perf_counter()
     result = executor.run(plan, store, rt, RecordContext(grid.name, env))
     failures = [o.error or "" for o in result.failed]

@@ -48,16 +48,19 @@ def build_report(
     cell_ids: set[str] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     stats_seed: int = DEFAULT_SEED,
+    scope: str | None = None,
 ) -> dict[str, Path]:
     """(Re)build every report file from the finished cells in ``output/cells``.
 
     ``cell_ids``: report only these cells (the current grid's), so cells left by an earlier version of the
-    grid file in the same folder never leak into the leaderboard; None reports every cell found. Without
+    grid file in the same folder never leak into the leaderboard; None reports every cell found. ``scope``:
+    which runs those cells come from, e.g. "the latest run of msrc_grid.yaml" (``ussbench report``), for the
+    header and the warning about cells left out. Without
     ``cells/`` (a committed folder in a fresh clone) the report is rebuilt from ``results.parquet`` and
     ``per_image_counts.npz``, which are then left as they are. Every statistic is recomputed each time.
     """
     output = Path(output)
-    cells, from_cells = load_report_cells(output, cell_ids)
+    cells, from_cells = load_report_cells(output, cell_ids, scope)
     if not cells:
         raise ConfigError(
             f"no readable finished cell in {output / 'cells'} (unreadable records are named above); nothing to report"
@@ -100,7 +103,7 @@ def build_report(
     index_root = _is_reports_root(output.parent)
     written["index"] = output.parent / "index.html" if index_root else None  # the page links to it
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
-                    _per_class(cells, board), written)  # fmt: skip
+                    _per_class(cells, board), written, scope)  # fmt: skip
     md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
     md += learning_curves.section(output, cells, _paired_lookup(board, stats))  # learners' curves (issue 13)
     md += profile.profile_footer(output, cells)  # per-stage seconds vs the machine's limits (perf)
@@ -150,6 +153,7 @@ class Report:
     refs: pd.DataFrame
     per_class: pd.DataFrame
     written: dict[str, Path | None]
+    scope: str | None = None  # which runs' cells the report covers (``ussbench report``)
     flags: pd.Series = field(init=False)
     origin_lines: list[str] = field(init=False)
 
@@ -161,7 +165,13 @@ class Report:
                                    self.flags, self.stats.n_resamples)  # fmt: skip
 
     def header_lines(self) -> list[str]:
-        return _header(self.grid_name, self.run, self.cells, self.board, self.stats, self.origin_lines)
+        lines = _header(self.grid_name, self.run, self.cells, self.board, self.stats, self.origin_lines)
+        if not self.scope:
+            return lines
+        covers = (
+            f"Cells: those of {self.scope} (`ussbench report --all-cells` reports every cell in the folder)."
+        )
+        return lines[:2] + [covers] + lines[2:]
 
 
 def _leaderboard_csv(board: pd.DataFrame, stats: BoardStatistics) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from ..evaluation.statistics import (
     paired_delta,
 )
 from .comparisons import p_clause, row_cells
-from .records import collect_per_image_counts, load_report_cells
+from .records import collect_per_image_counts, load_report_cells, report_scope
 from .tables import STAGE_COLUMNS, leaderboard_frame, results_frame
 
 
@@ -52,7 +52,7 @@ def _load(folder: Path) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, S
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"report folder {str(folder)!r} does not exist")
-    cells, _ = load_report_cells(folder)
+    cells, _ = load_report_cells(folder, *report_scope(folder))  # the rows its `ussbench report` shows
     if not cells:
         raise DataError(f"{folder}: no finished cells and no results.parquet; not a report folder")
     board = leaderboard_frame(results_frame(cells))

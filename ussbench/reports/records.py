@@ -23,8 +23,12 @@ RESTORED_KEY = "restored_from"  # a cell record resumed from a committed results
 DEFAULT_PROTOCOL = {"name": "default", "matching": "auto", "objective": "pixels", "panels": 4}
 
 
-def load_report_cells(output: Path, cell_ids: set[str] | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """(cell records, whether they came from ``cells/``). Falls back to ``results.parquet`` without cells."""
+def load_report_cells(
+    output: Path, cell_ids: set[str] | None = None, scope: str | None = None
+) -> tuple[list[dict[str, Any]], bool]:
+    """(cell records, whether they came from ``cells/``). Falls back to ``results.parquet`` without cells.
+
+    ``cell_ids``: only these cells; ``scope`` says in the warning why the others are left out."""
     from ..graph.records import load_cells
 
     output = Path(output)
@@ -33,8 +37,8 @@ def load_report_cells(output: Path, cell_ids: set[str] | None = None) -> tuple[l
         if cell_ids is not None:
             stale = [c for c in cells if c["row"]["cell_id"] not in cell_ids]
             if stale:
-                log.warning("report: %d cell(s) in %s are not in the current grid; left out", len(stale),
-                            output / "cells")  # fmt: skip
+                log.warning("report: %d cell(s) in %s are not in %s; left out", len(stale), output / "cells",
+                            scope or "the current grid")  # fmt: skip
             cells = [c for c in cells if c["row"]["cell_id"] in cell_ids]
         return cells, True
     results = output / "results.parquet"
@@ -42,6 +46,23 @@ def load_report_cells(output: Path, cell_ids: set[str] | None = None) -> tuple[l
         return [], False
     run = json.loads((output / "run.json").read_text()) if (output / "run.json").is_file() else {}
     return cells_from_results(pd.read_parquet(results), run), False
+
+
+def report_scope(output: Path, all_cells: bool = False) -> tuple[set[str] | None, str | None]:
+    """(the cells ``ussbench report``/``compare`` cover in a folder, which runs they come from): the latest run
+    of each grid file in ``run.json`` (:func:`ussbench.provenance.current_cell_ids`); (None, None), every cell,
+    with ``all_cells`` or where the history does not record cell ids."""
+    from ..provenance import current_cell_ids, read_run
+
+    if all_cells:
+        return None, None
+    cell_ids, grid_files = current_cell_ids(read_run(output))
+    if cell_ids is None:
+        return None, None
+    runs = "the latest run of " + (
+        grid_files[0] if len(grid_files) == 1 else "each of " + ", ".join(grid_files)
+    )
+    return cell_ids, runs
 
 
 def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[str, Any]]:
