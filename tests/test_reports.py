@@ -273,7 +273,9 @@ def test_report_covers_the_latest_run_of_each_grid_file(tmp_path, toy_root):
     # a sub-grid (another file, same output folder) adds its rows
     sub = tiny_grid(tmp_path, toy_root, seeds=[0], **{**one, "dataset_clusterers": ["km-sklearn-only"]})
     sub = sub.rename(tmp_path / "sub.yaml")
-    text = sub.read_text().replace("- km-sklearn-only", "- {name: kmeans, label: km-sk, params: {engine: sklearn}}")
+    text = sub.read_text().replace(
+        "- km-sklearn-only", "- {name: kmeans, label: km-sk, params: {engine: sklearn}}"
+    )
     sub.write_text(text)
     run_grid(load_grid(sub), progress=False)
     assert main(["report", str(out)]) == 0
