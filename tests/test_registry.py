@@ -79,6 +79,30 @@ def test_param_validation_names_the_parameter():
     registry.validate_params(spec, {"n_segments": 3, "feature": "keys"})
 
 
+def test_a_parameter_without_a_type_hint_is_checked_against_its_default():
+    """Before, an unannotated ``n_clusters=8`` took 7.9 unchecked and the plugin truncated it."""
+
+    @registry.register("dataset_clusterer", "untyped_params")
+    class Untyped(DatasetClusterer):
+        def __init__(self, n_clusters=8, temperature=0.1, verbose=False, mode="fast", extra=None):
+            self.n_clusters, self.temperature, self.verbose, self.mode, self.extra = (
+                n_clusters, temperature, verbose, mode, extra)  # fmt: skip
+
+    try:
+        spec = registry.get("dataset_clusterer", "untyped_params")
+        with pytest.raises(
+            ConfigError, match=r"'n_clusters' .* expects int \(the type of its default 8; it has no"
+        ):
+            registry.validate_params(spec, {"n_clusters": 7.9})
+        for bad in ({"verbose": 1}, {"mode": 3}, {"temperature": "hot"}):
+            with pytest.raises(ConfigError, match="it has no type hint"):
+                registry.validate_params(spec, bad)
+        registry.validate_params(spec, {"n_clusters": 7, "temperature": 1, "verbose": True, "mode": "x",
+                                        "extra": [1, 2]})  # fmt: skip
+    finally:
+        registry.unregister("dataset_clusterer", "untyped_params")
+
+
 def test_name_clash_with_another_class_is_refused():
     with pytest.raises(PluginError, match="already registered"):
 

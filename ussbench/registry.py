@@ -50,12 +50,17 @@ class ParamSpec:
     name: str
     annotation: Any
     default: Any = _REQUIRED
+    inferred: bool = (
+        False  # no type hint: the annotation is the default's type (:func:`_inferred_annotation`)
+    )
 
     @property
     def required(self) -> bool:
         return self.default is _REQUIRED
 
     def type_name(self) -> str:
+        if self.inferred:
+            return f"{_type_name(self.annotation)} (the type of its default {self.default!r}; it has no type hint)"
         return _type_name(self.annotation)
 
 
@@ -162,8 +167,18 @@ def _signature_params(cls: type) -> dict[str, ParamSpec]:
                 f"{cls.__module__}.{cls.__qualname__}: parameter {pname!r} has a mutable default "
                 f"({p.default!r}); use None or a tuple"
             )
-        params[pname] = ParamSpec(pname, hints.get(pname, p.annotation), p.default)
+        annotation = hints.get(pname, p.annotation)
+        inferred = _inferred_annotation(annotation, p.default)
+        params[pname] = ParamSpec(pname, inferred or annotation, p.default, inferred is not None)
     return params
+
+
+def _inferred_annotation(annotation: Any, default: Any) -> type | None:
+    """The type a parameter without a type hint is checked against: its default's, when that is a bool, int,
+    float or str; so ``n_clusters: 7.9`` for ``n_clusters=8`` is refused instead of truncated by the plugin."""
+    if annotation is not _REQUIRED or default is _REQUIRED:
+        return None
+    return next((t for t in (bool, int, float, str) if type(default) is t), None)
 
 
 def load_builtins() -> None:
