@@ -485,3 +485,23 @@ def test_compare_picks_a_row_by_the_label_its_no_match_error_lists(tmp_path, cap
     row_of_none = next(n for n, lab in labels.items() if lab == "none")
     assert main(["compare", str(out), "none", "km", "--resamples", "50"]) == 0
     assert f" row {row_of_none}: " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_tied_rows_are_ordered_by_label_whatever_order_the_cells_come_in(tmp_path):
+    """Before, rows with equal means kept the order their cells were read in (cell-id order), so the row numbers
+    `compare` takes could differ between two folders holding the same results."""
+    import copy
+
+    from ussbench.reports.records import load_report_cells
+    from ussbench.reports.tables import leaderboard_frame, results_frame
+
+    write_fake_cells(tmp_path, {"alpha": 0.6, "beta": 0.3}, seeds=(0,))
+    cells, _ = load_report_cells(tmp_path)
+    twins = []
+    for label in ("zeta", "eta"):  # same scores as alpha under other labels, read before it
+        twin = copy.deepcopy(next(c for c in cells if c["row"]["image_clusterer"] == "alpha"))
+        twin["row"].update(image_clusterer=label, cell_id=f"twin-{label}")
+        twins.append(twin)
+    for order in (twins + cells, cells + twins[::-1]):
+        board = leaderboard_frame(results_frame(order))
+        assert board.image_clusterer.tolist() == ["alpha", "eta", "zeta", "beta"]

@@ -84,8 +84,10 @@ def leaderboard_frame(results: pd.DataFrame) -> pd.DataFrame:
         board["miou_no_crf_std"] = board.miou_no_crf_std.fillna(0.0)
     board[["miou_std", "acc_std"]] = board[["miou_std", "acc_std"]].fillna(0.0)
     # best first within each dataset (rows of different data are not ranked against each other); datasets in
-    # the order of their best row, so a one-dataset grid is simply sorted by mIoU
-    board = board.sort_values("miou_mean", ascending=False, kind="stable")
+    # the order of their best row, so a one-dataset grid is simply sorted by mIoU; tied means by label, so
+    # the order (and the row numbers `compare` takes) does not depend on the order the cells were read in
+    labels = [c for c in STAGE_COLUMNS if c in board]
+    board = board.sort_values(["miou_mean", *labels], ascending=[False] + [True] * len(labels), kind="stable")
     order = {d: i for i, d in enumerate(dict.fromkeys(board.dataset))}
     return board.sort_values("dataset", key=lambda d: d.map(order), kind="stable").reset_index(drop=True)
 
