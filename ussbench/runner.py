@@ -156,6 +156,18 @@ class RunSummary:
     total_seconds: float = 0.0  # the whole run: planning (data fingerprints, weights), cells and the report
 
 
+def _report_cells(out: Path, planned: list[str]) -> tuple[set[str], str | None]:
+    """(the cells a run's report covers, which runs they come from): this run's cells, plus those of the latest
+    run of every other grid file that ran into the same folder (a sub-grid such as ``study_*_full_abc.yaml``)
+    where ``run.json`` records them; the cells of earlier runs of this grid file are left out."""
+    from .reports.records import scope_phrase
+
+    cell_ids, grid_files = provenance.current_cell_ids(provenance.read_run(out))
+    if cell_ids is None or len(grid_files) < 2 or not set(planned) <= cell_ids:
+        return set(planned), None
+    return cell_ids, scope_phrase(grid_files)
+
+
 def run_grid(
     grid: Grid,
     progress: bool = True,
@@ -200,8 +212,9 @@ def run_grid(
         else:
             from .reports.build import build_report
 
+            cell_ids, scope = _report_cells(out, plan.cell_ids)
             build_report(out, grid_name=grid.name, stage_order=[_STAGE_KEY_OF[k] for k in STAGE_ORDER],
-                         cell_ids=set(plan.cell_ids))  # fmt: skip
+                         cell_ids=cell_ids, scope=scope)  # fmt: skip
     summary.total_seconds = time.perf_counter() - run_start
     provenance.finish_run(out, run_index, summary.n_run, summary.n_resumed, summary.seconds, summary.n_failed,
                           total_seconds=summary.total_seconds)  # fmt: skip

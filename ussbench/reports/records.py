@@ -59,10 +59,14 @@ def report_scope(output: Path, all_cells: bool = False) -> tuple[set[str] | None
     cell_ids, grid_files = current_cell_ids(read_run(output))
     if cell_ids is None:
         return None, None
-    runs = "the latest run of " + (
+    return cell_ids, scope_phrase(grid_files)
+
+
+def scope_phrase(grid_files: list[str]) -> str:
+    """Which runs a report's cells come from, for its header: "the latest run of a.yaml" (or "of each of ...")."""
+    return "the latest run of " + (
         grid_files[0] if len(grid_files) == 1 else "each of " + ", ".join(grid_files)
     )
-    return cell_ids, runs
 
 
 def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[str, Any]]:
