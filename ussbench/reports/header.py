@@ -111,8 +111,8 @@ def statistics_lines(stats: BoardStatistics | None) -> list[str]:
     rule = ", ".join(f"{k} `{v}`" for k, v in stats.baseline_rule.items())
     lines = [
         f"Statistics: {stats.method()}. Mean ± std over seeds beside it.",
-        f"Baseline row: {rule} (grid key `baseline:` names another); Δ = row − baseline on the same images and "
-        "seed positions.",
+        f"Baseline row: {rule} (grid key `baseline:` names another); Δ = row − baseline on the same images, "
+        "paired by seed (rows that ran different seeds: on the seeds both ran, as a note below says).",
         "Rank: a range `a–b` where rows cannot be told apart: a = 1 + rows whose paired interval vs this row lies "
         "above 0, b = rows − rows it beats that way (pairwise, no multiple-comparison correction).",
         "CI width and 'to halve it': width ∝ sqrt(V_images·N0/N + s²_seeds/S); the seeds (same images) or the "
