@@ -17,17 +17,21 @@ ENV = {"versions": {"ussbench": "0.1.0", "torch": "2.14.1"}, "processor": "x86_6
                                                                 "threads": {"torch": 2}}}  # fmt: skip
 
 
-def fake_cell(
-    accuracy, n_images: int, seed: int, image_seed: int = 0, salt: int = 0, k: int = 4, pixels: int = 300
-):
+def fake_cell(accuracy, n_images: int, seed: int, image_seed: int = 0, salt: int = 0, k: int = 4, pixels: int = 300,
+              absent: tuple[int, ...] = ()):  # fmt: skip
     """A confusion matrix over ``n_images`` images (the same images for the same ``image_seed``): each pixel
-    keeps its class's cluster with probability ``accuracy`` (scalar or per image), else a random cluster."""
+    keeps its class's cluster with probability ``accuracy`` (scalar or per image), else a random cluster;
+    the classes in ``absent`` never occur in the ground truth."""
     images = np.random.default_rng(image_seed)
     noise = np.random.default_rng([image_seed, seed, salt])
     accuracy = np.broadcast_to(np.asarray(accuracy, dtype=np.float64), (n_images,))
     cm = ConfusionMatrix(k, k)
     for i in range(n_images):
-        gt = images.choice(k, size=pixels, p=images.dirichlet(np.ones(k)))
+        mix = images.dirichlet(np.ones(k))
+        if absent:
+            mix[list(absent)] = 0.0
+            mix /= mix.sum()
+        gt = images.choice(k, size=pixels, p=mix)
         keep = noise.random(pixels) < accuracy[i]
         cm.update(np.where(keep, (gt + 1) % k, noise.integers(0, k, size=pixels)), gt)
     return cm
@@ -35,15 +39,20 @@ def fake_cell(
 
 def write_fake_cells(out: Path, rows: dict[str, object], seeds=(0, 1, 2), n_images: int = 40, image_seed: int = 0,
                      dataset: str = "toyset", env: dict | None = None, per_image: bool = True,
-                     image_prefix: str = "img", crf: bool = False) -> list[str]:  # fmt: skip
-    """One cell per row x seed in ``out/cells``; ``rows``: image-clusterer label -> accuracy. Returns cell ids."""
+                     image_prefix: str = "img", crf: bool = False, absent: tuple[int, ...] = ()) -> list[str]:  # fmt: skip
+    """One cell per row x seed in ``out/cells``; ``rows``: image-clusterer label -> accuracy; ``absent``: classes
+    that no scored image contains. Returns cell ids."""
     (out / "cells").mkdir(parents=True, exist_ok=True)
     ids = []
     for salt, (label, accuracy) in enumerate(rows.items()):
         for seed in seeds:
-            cm = fake_cell(accuracy, n_images, seed, image_seed, salt)
+            cm = fake_cell(accuracy, n_images, seed, image_seed, salt, absent=absent)
             scores = evaluate_counts(cm.counts)
-            before = fake_cell(accuracy * 0.8, n_images, seed, image_seed, salt + 100) if crf else None
+            before = (
+                fake_cell(accuracy * 0.8, n_images, seed, image_seed, salt + 100, absent=absent)
+                if crf
+                else None
+            )
             cid = f"{dataset}-{label}-{seed}".replace(" ", "_").replace("(", "").replace(")", "")
             row = {"cell_id": cid, "dataset": dataset, "backbone": "toy-vit", "feature_learner": "none",
                    "image_clusterer": label, "dataset_clusterer": "k-means", "postprocess": "none", "seed": seed,

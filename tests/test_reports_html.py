@@ -46,6 +46,7 @@ class _Table(HTMLParser):
         self.header: list[str] = []
         self.sorted: dict[str, str] = {}
         self.classes_rows = 0
+        self.classes_text: list[str] = []
         self._cell: list[str] | None = None
         self._in_head = False
 
@@ -79,6 +80,8 @@ class _Table(HTMLParser):
             self._cell = None
 
     def handle_data(self, data):
+        if self.in_classes:
+            self.classes_text.append(data)
         if self._cell is not None:
             self._cell.append(data)
 
@@ -132,3 +135,14 @@ def test_table_renders_and_sorts_on_click(browser, page):
 def test_per_class_iou_on_demand(browser, page):
     shown = _dom(browser, page, "document.querySelector('button.cls').click();")
     assert shown.classes_rows == 1 + 4  # header + the four classes
+
+
+@pytest.mark.slow
+def test_per_class_iou_on_demand_marks_absent_classes(browser, tmp_path):
+    """A class no scored image contains reads 'absent' in a row's on-demand table, as in the static one."""
+    out = tmp_path / "absent"
+    write_fake_cells(out, {"raw tokens": 0.35, "good": 0.8}, seeds=(0,), n_images=6, absent=(3,))
+    build_report(out, "absent", n_resamples=20)
+    shown = _dom(browser, out / "leaderboard.html", "document.querySelector('button.cls').click();")
+    text = " ".join(t.strip() for t in shown.classes_text if t.strip())
+    assert "car absent" in text and "nan" not in text and "0.00" not in text

@@ -169,3 +169,22 @@ def test_seeds_to_decide_follows_the_seed_spread():
     twin = row(0.0, 0.08, 4)
     same = bootstrap_rows({"x": twin, "y": twin}, 300)
     assert seeds_to_decide(same["x"], same["y"]) is None  # no Δ to decide: only images could
+
+
+def test_rows_are_paired_by_seed_value_not_by_position():
+    """Seeds [0, 1, 2] vs [0, 2]: both restricted to seeds 0 and 2 (by value); the same seeds: the rows as they
+    are; no seed in common: no pairing."""
+    from ussbench.evaluation.statistics import on_shared_seeds, paired_rows
+
+    cells = {s: synthetic_cell(10, 0.6, seed=s) for s in (0, 1, 2, 7)}
+    boots = bootstrap_rows({"full": [(s, cells[s]) for s in (0, 1, 2)], "gap": [(s, cells[s]) for s in (0, 2)],
+                            "same": [(s, cells[s]) for s in (0, 1, 2)], "lone": [(7, cells[7])]}, 50)  # fmt: skip
+    full, gap = on_shared_seeds(boots["full"], boots["gap"])
+    assert full.seeds == gap.seeds == [0, 2]
+    assert np.array_equal(full.miou_point, boots["full"].miou_point[[0, 2]])
+    assert paired_rows(boots["full"], boots["gap"]).delta == pytest.approx(0.0, abs=1e-9)  # the same cells
+    assert on_shared_seeds(boots["full"], boots["same"]) == (boots["full"], boots["same"])
+    assert (
+        on_shared_seeds(boots["full"], boots["lone"]) is None
+        and paired_rows(boots["gap"], boots["lone"]) is None
+    )

@@ -17,7 +17,9 @@ Method (stated in every report header, see :data:`METHOD`):
   q_lo, q_hi the replicate quantiles (default 95%). It is an interval for the protocol's expected score on
   another image set of this size, and contains the reported score. A plain percentile interval would be
   shifted up by the re-matching optimism.
-- **Paired Δ:** the replicate-wise difference of two rows, with the same centred interval; two-sided p-value
+- **Paired Δ:** the replicate-wise difference of two rows, paired by seed value: rows that ran different seeds
+  (a failed cell) are compared on the seeds both ran, each restricted to them (no Δ when they share none);
+  with the same centred interval; two-sided p-value
   ``(1 + #{|Δ* - mean(Δ*)| >= |Δ|}) / (B + 1)`` (the replicates centred as the null distribution), so the
   smallest p-value with B replicates is ``1 / (B + 1)``.
 - **Rank ranges:** a row's rank lies between 1 + (number of rows significantly better than it) and
@@ -163,6 +165,14 @@ class RowBootstrap:
         self.nested_miou = self.miou_reps.T[cols, draws].mean(1)
         self.nested_acc = self.acc_reps.T[cols, draws].mean(1)
 
+    def restrict(self, seeds: list[int], draws: np.ndarray) -> RowBootstrap:
+        """This row on some of its seeds (by value), nested with the draws shared by rows of that many seeds."""
+        idx = [self.seeds.index(s) for s in seeds]
+        row = RowBootstrap(list(seeds), self.miou_point[idx], self.acc_point[idx], self.miou_reps[idx],
+                           self.acc_reps[idx], self.n_images)  # fmt: skip
+        row.nest(draws)
+        return row
+
     @property
     def miou(self) -> float:
         return float(self.miou_point.mean())
@@ -213,6 +223,36 @@ def bootstrap_rows(
     return out
 
 
+def shared_seeds(a: RowBootstrap, b: RowBootstrap) -> list[int]:
+    """The seed values both rows ran, sorted: what a paired comparison of the two can use."""
+    return sorted(set(a.seeds) & set(b.seeds))
+
+
+def on_shared_seeds(
+    a: RowBootstrap, b: RowBootstrap, seed: int = DEFAULT_SEED
+) -> tuple[RowBootstrap, RowBootstrap] | None:
+    """Two rows paired by seed value: as they are when they ran the same seeds, else each restricted to the
+    seeds both ran (their seed means then cover the same seeds); None when they share no seed."""
+    if a.seeds == b.seeds:
+        return a, b
+    common = shared_seeds(a, b)
+    if not common:
+        return None
+    draws = seed_draws(len(common), a.miou_reps.shape[1], seed)
+    return a.restrict(common, draws), b.restrict(common, draws)
+
+
+def paired_rows(
+    a: RowBootstrap, b: RowBootstrap, seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL
+) -> PairedDelta | None:
+    """Δ mIoU = A − B of two bootstrapped rows on the seeds both ran; None when they share no seed."""
+    pair = on_shared_seeds(a, b, seed)
+    if pair is None:
+        return None
+    ra, rb = pair
+    return paired_delta(ra.miou, rb.miou, ra.nested_miou, rb.nested_miou, level)
+
+
 def percentile_interval(replicates: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """The central ``level`` percentile interval of the replicates (NaNs ignored)."""
     alpha = (1.0 - level) / 2.0
@@ -255,7 +295,7 @@ class PairedDelta:
 def paired_delta(
     a_point: float, b_point: float, a_reps: np.ndarray, b_reps: np.ndarray, level: float = DEFAULT_LEVEL
 ) -> PairedDelta:
-    """Δ = A - B from replicates computed on the same image draws (and the same seed positions)."""
+    """Δ = A - B from replicates computed on the same image draws and seeds (see :func:`paired_rows`)."""
     delta = float(a_point - b_point)
     diff = np.asarray(a_reps, dtype=np.float64) - np.asarray(b_reps, dtype=np.float64)
     diff = diff[np.isfinite(diff)]
@@ -284,6 +324,12 @@ def rank_ranges(
         lows = (points[i] - points) - (upper_q - np.nanmean(diff, axis=1))  # centred interval's lower ends
         better[i] = lows > 0
         better[i, i] = False
+    return ranks_from_better(better)
+
+
+def ranks_from_better(better: np.ndarray) -> list[tuple[int, int]]:
+    """Each row's (best, worst) rank from ``better[i, j]``: row i significantly above row j."""
+    n = len(better)
     return [(1 + int(better[:, i].sum()), n - int(better[i].sum())) for i in range(n)]
 
 

@@ -32,8 +32,17 @@ from .failed import failures_html, failures_markdown
 from .index import build_index
 from .panels import draw_panels
 from .paper import paper_columns
-from .records import RESTORED_KEY, load_report_cells, sync_per_image_counts
-from .tables import leaderboard_display, leaderboard_frame, markdown_table, results_frame, times_note
+from .records import RESTORED_KEY, class_pixels, load_report_cells, sync_per_image_counts
+from .tables import (
+    ABSENT,
+    leaderboard_display,
+    leaderboard_frame,
+    markdown_table,
+    per_class_frame,
+    per_class_table,
+    results_frame,
+    times_note,
+)
 
 log = logging.getLogger(__name__)
 PLUGIN_KINDS = {"dataset": "dataset", "backbone": "backbone", "feature_learner": "feature_learner",
@@ -102,8 +111,9 @@ def build_report(
     )
     index_root = _is_reports_root(output.parent)
     written["index"] = output.parent / "index.html" if index_root else None  # the page links to it
+    pixels = class_pixels(cells, counts)
     report = Report(grid_name, run, cells, board, stats, paper_columns(board, cells), _published(cells),
-                    _per_class(cells, board), written, scope)  # fmt: skip
+                    _per_class(cells, board, pixels), written, pixels, scope)  # fmt: skip
     md = _markdown(report) + failures_markdown(output, cell_ids)  # cells that raised: listed, not missing
     md += learning_curves.section(output, cells, _paired_lookup(board, stats))  # learners' curves (issue 13)
     md += profile.profile_footer(output, cells)  # per-stage seconds vs the machine's limits (perf)
@@ -153,6 +163,8 @@ class Report:
     refs: pd.DataFrame
     per_class: pd.DataFrame
     written: dict[str, Path | None]
+    # cell id -> ground-truth pixels per class of its scored images (records.class_pixels)
+    class_pixels: dict[str, dict[str, int]] = field(default_factory=dict)
     scope: str | None = None  # which runs' cells the report covers (``ussbench report``)
     flags: pd.Series = field(init=False)
     origin_lines: list[str] = field(init=False)
@@ -165,13 +177,21 @@ class Report:
                                    self.flags, self.stats.n_resamples)  # fmt: skip
 
     def header_lines(self) -> list[str]:
-        lines = _header(self.grid_name, self.run, self.cells, self.board, self.stats, self.origin_lines)
+        lines = _header(self.grid_name, self.run, self.cells, self.board, self.stats, self.origin_lines,
+                        self.class_pixels)  # fmt: skip
         if not self.scope:
             return lines
         covers = (
             f"Cells: those of {self.scope} (`ussbench report --all-cells` reports every cell in the folder)."
         )
         return lines[:2] + [covers] + lines[2:]
+
+    def absent_note(self) -> str | None:
+        """The line under the best row's per-class table when it marks a class absent."""
+        if (self.per_class["IoU (%)"] != ABSENT).all():
+            return None
+        return (f"'{ABSENT}': the class has no ground-truth pixel in the scored images, so its IoU measures nothing; "
+                "mIoU counts it as 0 when some pixel is predicted as it (STEGO's rule), and not at all otherwise.")  # fmt: skip
 
 
 def _leaderboard_csv(board: pd.DataFrame, stats: BoardStatistics) -> pd.DataFrame:
@@ -249,13 +269,11 @@ def _published(cells: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _per_class(cells: list[dict[str, Any]], board: pd.DataFrame) -> pd.DataFrame:
-    """Per-class IoU (mean over seeds) of the best configuration."""
-    chosen = _row_cells(cells, board.iloc[0])
-    frame = pd.DataFrame(
-        [{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()} for c in chosen]
-    )
-    return pd.DataFrame({"class": frame.columns, "IoU (%)": frame.mean().round(2).values})
+def _per_class(
+    cells: list[dict[str, Any]], board: pd.DataFrame, pixels: dict[str, dict[str, int]]
+) -> pd.DataFrame:
+    """Per-class IoU (mean over seeds) of the best configuration, 'absent' for classes no scored image has."""
+    return per_class_table(per_class_frame(_row_cells(cells, board.iloc[0]), pixels))
 
 
 _row_cells = row_cells  # the cells (one per seed) of one leaderboard row, sorted by seed
@@ -365,7 +383,7 @@ def _omh_hierarchy(output: Path, cells: list[dict[str, Any]], board: pd.DataFram
 
 
 def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]], board: pd.DataFrame,
-            stats: BoardStatistics, origin_lines: list[str]) -> list[str]:  # fmt: skip
+            stats: BoardStatistics, origin_lines: list[str], pixels: dict[str, dict[str, int]]) -> list[str]:  # fmt: skip
     env = run.get("environment", {})
     versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()))
     backbones = sorted({c.get("backbone_report_name", c["row"]["backbone"]) for c in cells})
@@ -376,6 +394,7 @@ def _header(grid_name: str, run: dict[str, Any], cells: list[dict[str, Any]], bo
         header.history_line(run),
         f"Data: {'; '.join(datasets)}. Backbone(s): {', '.join(backbones)}.",
         header.images_line(cells),
+        header.classes_line(cells, pixels),
         f"Protocol{_protocol_steps(protocol, cells)}; one cluster-to-class match over all valid pixels of the split "
         f"(matching `{protocol.get('matching')}`, objective `{protocol.get('objective')}`); "
         "mIoU over classes with a defined IoU.",
@@ -436,6 +455,8 @@ def _markdown(report: Report) -> str:
     best = r.board.iloc[0]
     lines += [f"## Per-class IoU of the best configuration ({row_label(best)} on {best['dataset']})", "",
               markdown_table(r.per_class), ""]  # fmt: skip
+    if r.absent_note():
+        lines += [r.absent_note(), ""]
     lines += ["## Figures", ""]
     for key, title in FIGURES:
         if r.written.get(key):

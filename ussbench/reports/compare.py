@@ -22,9 +22,12 @@ from ..evaluation.statistics import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     METHOD,
+    RowBootstrap,
     bootstrap_rows,
     centred_interval,
+    on_shared_seeds,
     paired_delta,
+    shared_seeds,
 )
 from .comparisons import p_clause, row_cells
 from .records import collect_per_image_counts, load_report_cells, report_scope
@@ -146,6 +149,8 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
                      f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
     lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "
                  f"{verdict(d.decided, d.p_value, level, identical=d.delta == d.low == d.high == 0.0)}")  # fmt: skip
+    if boots["a"].seeds != boots["b"].seeds:
+        lines.append(seeds_line(boots["a"], boots["b"]))
     lines.append(f"{boots['a'].n_images} images; {METHOD.format(B=n_resamples, seed=seed, level=level)}.")
     return "\n".join(lines)
 
@@ -179,8 +184,24 @@ def paired(a: PickedRow, b: PickedRow, n_resamples: int = DEFAULT_RESAMPLES, see
     rows = {"a": [(int(c["row"]["seed"]), s.counts) for c, s in zip(a.cells, a.counts)],
             "b": [(int(c["row"]["seed"]), s.counts) for c, s in zip(b.cells, b.counts)]}  # fmt: skip
     boots = bootstrap_rows(rows, n_resamples, seed, *match_a)
-    d = paired_delta(boots["a"].miou, boots["b"].miou, boots["a"].nested_miou, boots["b"].nested_miou, level)
-    return boots, d
+    pair = on_shared_seeds(boots["a"], boots["b"], seed)
+    if pair is None:
+        raise DataError(f"cannot compare {a.folder}:{a.position} with {b.folder}:{b.position}: no seed in common "
+                        f"(A ran seeds {_seeds(boots['a'].seeds)}, B ran {_seeds(boots['b'].seeds)}); a paired "
+                        "comparison needs the same seeds")  # fmt: skip
+    ra, rb = pair
+    return boots, paired_delta(ra.miou, rb.miou, ra.nested_miou, rb.nested_miou, level)
+
+
+def seeds_line(a: RowBootstrap, b: RowBootstrap) -> str:
+    """The line that says a Δ was taken on the seeds both rows ran (their rows' own lines use all of theirs)."""
+    return (f"The rows ran different seeds (A: {_seeds(a.seeds)}; B: {_seeds(b.seeds)}): Δ is taken on the seeds "
+            f"both rows ran: {_seeds(shared_seeds(a, b))}, paired by seed; the A and B lines average all their own "
+            "seeds.")  # fmt: skip
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
 
 
 def compare_where(folder: Path | str, where_a: dict[str, str], where_b: dict[str, str],

@@ -6,6 +6,7 @@ Rows are compared only with rows scored on the same images (same dataset, same i
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +25,10 @@ from ..evaluation.statistics import (
     bootstrap_rows,
     centred_interval,
     halving_plan,
-    paired_delta,
+    on_shared_seeds,
+    paired_rows,
     rank_ranges,
+    ranks_from_better,
     seeds_to_decide,
 )
 from .tables import STAGE_COLUMNS
@@ -68,10 +71,15 @@ class GroupStatistics:
     boots: dict[int, RowBootstrap]
     baseline: int | None
     ranks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    seed: int = DEFAULT_SEED  # the bootstrap's seed: seed draws of rows restricted to their shared seeds
 
-    def delta(self, a: int, b: int, level: float = DEFAULT_LEVEL) -> PairedDelta:
-        ra, rb = self.boots[a], self.boots[b]
-        return paired_delta(ra.miou, rb.miou, ra.nested_miou, rb.nested_miou, level)
+    def pair(self, a: int, b: int) -> tuple[RowBootstrap, RowBootstrap] | None:
+        """Rows a and b paired by seed value (restricted to the seeds both ran); None when they share none."""
+        return on_shared_seeds(self.boots[a], self.boots[b], self.seed)
+
+    def delta(self, a: int, b: int, level: float = DEFAULT_LEVEL) -> PairedDelta | None:
+        """Δ mIoU = a − b on the seeds both rows ran; None when they share no seed."""
+        return paired_rows(self.boots[a], self.boots[b], self.seed, level)
 
 
 @dataclass
@@ -165,10 +173,9 @@ def board_statistics(
                 table.loc[i, ["miou_no_crf_lo", "miou_no_crf_hi"]] = centred_interval(
                     b.miou, b.nested_miou, level
                 )
-        ranks = rank_ranges(np.array([boots[i].miou for i in order]), np.stack([boots[i].nested_miou for i in order]),
-                            level)  # fmt: skip
-        group = GroupStatistics(dataset, next(iter(boots.values())).n_images, order, boots, None,
-                                dict(zip(order, ranks)))  # fmt: skip
+        group = GroupStatistics(dataset, next(iter(boots.values())).n_images, order, boots, None, seed=seed)
+        group.ranks = dict(zip(order, _ranks(group, level)))
+        notes += seed_notes(board, group)
         for i, (lo, hi) in group.ranks.items():
             table.loc[i, ["rank_lo", "rank_hi"]] = (lo, hi)
         candidates = [i for i in order if _matches(rule, board.loc[i], names_of[i])]
@@ -182,12 +189,13 @@ def board_statistics(
             table.loc[group.baseline, "is_baseline"] = True
             for i in order:
                 d = group.delta(i, group.baseline, level)
-                table.loc[i, ["delta", "delta_lo", "delta_hi", "delta_p"]] = (
-                    d.delta,
-                    d.low,
-                    d.high,
-                    d.p_value,
-                )
+                if d is not None:  # None: no seed in common with the baseline (a note says so)
+                    table.loc[i, ["delta", "delta_lo", "delta_hi", "delta_p"]] = (
+                        d.delta,
+                        d.low,
+                        d.high,
+                        d.p_value,
+                    )
         else:
             rule_text = ", ".join(f"{k} {v}" for k, v in rule.items())
             notes.append(f"{dataset}: no baseline row ({rule_text}) in this grid: no Δ column for it; add the row or "
@@ -196,24 +204,78 @@ def board_statistics(
     return BoardStatistics(table, groups, n_resamples, seed, level, rule, notes)
 
 
+def _ranks(group: GroupStatistics, level: float) -> list[tuple[int, int]]:
+    """Rank ranges of a group's rows (board order): from all rows' replicates at once when every row ran the same
+    seeds, else from each pair's Δ on the seeds both ran (a pair without a common seed is not told apart)."""
+    boots = [group.boots[i] for i in group.rows]
+    if len({tuple(b.seeds) for b in boots}) == 1:
+        return rank_ranges(np.array([b.miou for b in boots]), np.stack([b.nested_miou for b in boots]), level)
+    better = np.zeros((len(boots), len(boots)), dtype=bool)
+    for (x, a), (y, b) in itertools.permutations(enumerate(group.rows), 2):
+        d = group.delta(a, b, level)
+        better[x, y] = d is not None and d.low > 0
+    return ranks_from_better(better)
+
+
+def seed_notes(board: pd.DataFrame, group: GroupStatistics) -> list[str]:
+    """One line per two seed sets of a dataset's rows: which rows, and the seeds their comparisons use."""
+    sets: dict[tuple[int, ...], list[int]] = {}
+    for i in group.rows:
+        sets.setdefault(tuple(group.boots[i].seeds), []).append(i)
+    lines = []
+    for (seeds_a, rows_a), (seeds_b, rows_b) in itertools.combinations(sets.items(), 2):
+        common = sorted(set(seeds_a) & set(seeds_b))
+        who = (f"{group.dataset}: {_rows_text(board, rows_a)} (seeds {_seeds_text(seeds_a)}) vs "
+               f"{_rows_text(board, rows_b)} (seeds {_seeds_text(seeds_b)})")  # fmt: skip
+        if common:
+            lines.append(f"{who}: Δ, p and rank ranges between them use the seeds both ran ({_seeds_text(common)}), "
+                         "paired by seed; their mIoU columns average all their own seeds.")  # fmt: skip
+        else:
+            lines.append(f"{who}: no seed in common, so no Δ between them (a paired comparison needs the same "
+                         "seeds; rerun the missing cells).")  # fmt: skip
+    return lines
+
+
+def _rows_text(board: pd.DataFrame, rows: list[int], shown: int = 4) -> str:
+    """'row good' / 'rows a, b, c and 5 more' for a note."""
+    names = [row_label(board.loc[i]) for i in rows]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ("row " if len(names) == 1 else "rows ") + ", ".join(names[:shown]) + more
+
+
+def _seeds_text(seeds) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
 def decided_summary(board: pd.DataFrame, stats: BoardStatistics, top: int = 6) -> list[str]:
     """Plain sentences: which of the main comparisons (neighbouring top rows, best vs baseline) are decided."""
     lines = []
     for g in stats.groups:
         order = g.rows
-        n_pairs = len(order) * (len(order) - 1) // 2
-        decided = sum(g.delta(a, b, stats.level).decided for k, a in enumerate(order) for b in order[k + 1 :])
-        lines.append(f"**{g.dataset}** ({g.n_images} images, {len(order)} rows): {decided} of {n_pairs} row pairs "
-                     "are decided (paired interval excludes 0).")  # fmt: skip
+        deltas = [g.delta(a, b, stats.level) for k, a in enumerate(order) for b in order[k + 1 :]]
+        compared = [d for d in deltas if d is not None]
+        unpaired = len(deltas) - len(compared)
+        lines.append(f"**{g.dataset}** ({g.n_images} images, {len(order)} rows): {sum(d.decided for d in compared)} "
+                     f"of {len(compared)} row pairs are decided (paired interval excludes 0)"
+                     + (f"; {unpaired} pair(s) have no seed in common and no Δ." if unpaired else "."))  # fmt: skip
         pairs = [("", a, b) for a, b in zip(order[: top - 1], order[1:top])]
         if g.baseline is not None and order and g.baseline not in order[:2]:
             pairs.append(("best ", order[0], g.baseline))
         for prefix, a, b in pairs:
-            d = g.delta(a, b, stats.level)
             lines.append(f"{prefix}{_who(board, order, a)} vs {'baseline ' if b == g.baseline else ''}"
-                         f"{_who(board, order, b)}: Δ {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], "
-                         f"{p_clause(d.p_value, stats.n_resamples)}: {_verdict(d, g.boots[a], g.boots[b], stats.level)}")  # fmt: skip
+                         f"{_who(board, order, b)}: {_comparison(g, a, b, stats)}")  # fmt: skip
     return lines
+
+
+def _comparison(g: GroupStatistics, a: int, b: int, stats: BoardStatistics) -> str:
+    """'Δ +1.20 [+0.3, +2.1], p = 0.01: decided' for one pair of a group, or why it has no Δ."""
+    pair = g.pair(a, b)
+    if pair is None:
+        return "no Δ (no seed in common)"
+    d = g.delta(a, b, stats.level)
+    shared = "" if g.boots[a].seeds == g.boots[b].seeds else f" (on seeds {_seeds_text(pair[0].seeds)})"
+    return (f"Δ {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{shared}, {p_clause(d.p_value, stats.n_resamples)}: "
+            f"{_verdict(d, pair[0], pair[1], stats.level)}")  # fmt: skip
 
 
 def _verdict(d: PairedDelta, a: RowBootstrap, b: RowBootstrap, level: float) -> str:
@@ -264,7 +326,10 @@ def pairwise_matrix(
         for b in range(n):
             if a != b:
                 d = group.delta(order[a], order[b], stats.level)
-                delta[a, b], pvals[a, b], decided[a, b] = d.delta, d.p_value, d.decided
+                if d is None:  # no seed in common: no Δ to show
+                    delta[a, b], pvals[a, b] = math.nan, math.nan
+                else:
+                    delta[a, b], pvals[a, b], decided[a, b] = d.delta, d.p_value, d.decided
     return order, delta, pvals, decided
 
 

@@ -113,7 +113,7 @@ def significance_matrix(panels: list[tuple[str, list[str], np.ndarray, np.ndarra
                              squeeze=False)  # fmt: skip
     for ax, (title, labels, delta, pvals, decided) in zip(axes[0], panels):
         n = len(labels)
-        limit = float(np.nanmax(np.abs(delta))) or 1.0
+        limit = _colour_limit(delta)
         shown = np.where(decided | np.eye(n, dtype=bool), delta, np.nan)
         sns.heatmap(shown, cmap="RdBu_r", center=0, vmin=-limit, vmax=limit, ax=ax, cbar_kws={"label": "Δ mIoU (row − column)"},
                     xticklabels=[str(i + 1) for i in range(n)], yticklabels=[f"{i + 1}. {lab}" for i, lab in enumerate(labels)],
@@ -129,7 +129,8 @@ def significance_matrix(panels: list[tuple[str, list[str], np.ndarray, np.ndarra
                         )
                     )
                 stars = "**" if pvals[a, b] < 0.01 else ("*" if pvals[a, b] < 0.05 else "")
-                ax.text(b + 0.5, a + 0.5, f"{delta[a, b]:+.1f}{stars}", ha="center", va="center", fontsize=7,
+                text = f"{delta[a, b]:+.1f}{stars}" if np.isfinite(delta[a, b]) else "no Δ"
+                ax.text(b + 0.5, a + 0.5, text, ha="center", va="center", fontsize=7,
                         color="black" if not decided[a, b] or abs(delta[a, b]) < 0.6 * limit else "white")  # fmt: skip
         ax.set_title(
             f"{title}: paired Δ mIoU of the top {n} rows (grey: not decided at {level:.0%})", fontsize=9
@@ -138,3 +139,9 @@ def significance_matrix(panels: list[tuple[str, list[str], np.ndarray, np.ndarra
         ax.set_ylabel("")
         ax.tick_params(axis="y", labelsize=7)
     return _save(fig, path)
+
+
+def _colour_limit(delta: np.ndarray) -> float:
+    """The largest |Δ| shown (1 when none): the colour scale's ends; pairs with no seed in common have no Δ."""
+    finite = np.abs(delta[np.isfinite(delta)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0

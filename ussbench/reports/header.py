@@ -64,6 +64,44 @@ def images_line(cells: list[dict[str, Any]]) -> str:
     return "Images: " + "; ".join(parts) + "."
 
 
+MIOU_RULE = ("A class absent from them is marked 'absent' in the per-class tables; it still counts in mIoU with "
+             "IoU 0 when some pixel is predicted as it (a cluster matched to it is not empty: STEGO's rule), and is "
+             "left out of the mean only when none is.")  # fmt: skip
+MAX_NAMED = 8  # absent classes named in the header; more are counted
+
+
+def classes_line(cells: list[dict[str, Any]], pixels: dict[str, dict[str, int]]) -> str | None:
+    """How many of each dataset's classes occur in the ground truth of the scored images, and how mIoU treats
+    the others (a class absent there reads IoU 0 or nan, which is no measurement of it)."""
+    present: dict[str, set[frozenset[str]]] = {}
+    names: dict[str, list[str]] = {}
+    for c in cells:
+        counted = pixels.get(c["row"]["cell_id"])
+        if counted is not None:
+            dataset = c["row"]["dataset"]
+            names.setdefault(dataset, list(counted))
+            present.setdefault(dataset, set()).add(frozenset(n for n, v in counted.items() if v > 0))
+    if not present:
+        return None
+    parts = [_dataset_classes(d, names[d], present[d]) for d in present]
+    absent = any(len(s) < len(names[d]) for d in present for s in present[d])
+    return "Classes: " + "; ".join(parts) + "." + (f" {MIOU_RULE}" if absent else "")
+
+
+def _dataset_classes(dataset: str, names: list[str], present: set[frozenset[str]]) -> str:
+    """'3 of 4 classes of `d` occur in the scored images (absent: car)' for one dataset."""
+    sizes = sorted({len(s) for s in present})
+    if sizes == [len(names)]:
+        return f"all {len(names)} classes of `{dataset}` occur in the scored images"
+    absent = [n for n in names if not any(n in s for s in present)]
+    shown = ", ".join(absent[:MAX_NAMED]) + (
+        f" and {len(absent) - MAX_NAMED} more" if len(absent) > MAX_NAMED else ""
+    )
+    differ = " (its cells differ)" if len(sizes) > 1 else ""
+    return (f"{'/'.join(map(str, sizes))} of {len(names)} classes of `{dataset}` occur in the scored images{differ}"
+            + (f" (absent: {shown})" if absent else ""))  # fmt: skip
+
+
 def statistics_lines(stats: BoardStatistics | None) -> list[str]:
     if stats is None or not stats.available:
         why = "; ".join(stats.notes) if stats is not None and stats.notes else ""
@@ -73,8 +111,8 @@ def statistics_lines(stats: BoardStatistics | None) -> list[str]:
     rule = ", ".join(f"{k} `{v}`" for k, v in stats.baseline_rule.items())
     lines = [
         f"Statistics: {stats.method()}. Mean ± std over seeds beside it.",
-        f"Baseline row: {rule} (grid key `baseline:` names another); Δ = row − baseline on the same images and "
-        "seed positions.",
+        f"Baseline row: {rule} (grid key `baseline:` names another); Δ = row − baseline on the same images, "
+        "paired by seed (rows that ran different seeds: on the seeds both ran, as a note below says).",
         "Rank: a range `a–b` where rows cannot be told apart: a = 1 + rows whose paired interval vs this row lies "
         "above 0, b = rows − rows it beats that way (pairwise, no multiple-comparison correction).",
         "CI width and 'to halve it': width ∝ sqrt(V_images·N0/N + s²_seeds/S); the seeds (same images) or the "

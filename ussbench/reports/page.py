@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .comparisons import decided_summary, row_cells, row_label
-from .tables import STAGE_COLUMNS, times_note
+from .tables import STAGE_COLUMNS, per_class_frame, times_note
 
 if TYPE_CHECKING:
     from .build import Report
@@ -89,7 +89,7 @@ SCRIPT = """
     if (!d) return;
     var rows = d.classes.map(function(c, i){
       var v = d.iou[i];
-      var cell = v === null ? 'n/a' : '<span class="b" style="width:' + Math.max(0, v) * 2 + 'px"></span> ' + v.toFixed(2);
+      var cell = d.absent[i] ? 'absent' : v === null ? 'n/a' : '<span class="b" style="width:' + Math.max(0, v) * 2 + 'px"></span> ' + v.toFixed(2);
       return '<tr><td>' + c + '</td><td class="num">' + cell + '</td></tr>';
     }).join('');
     box.innerHTML = '<h3>Per-class IoU (%): ' + d.label + ' <span class="note">(mean over ' + d.seeds +
@@ -205,17 +205,18 @@ def leaderboard_table(report: Report) -> str:
 
 
 def per_class_data(report: Report) -> dict[str, Any]:
+    """Each row's per-class IoU for its "classes" button: null and absent: true where no scored image has it."""
     out = {}
     for i, cfg in report.board.iterrows():
         chosen = row_cells(report.cells, cfg)
         if not chosen:
             continue
-        frame = pd.DataFrame([{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()}
-                              for c in chosen])  # fmt: skip
-        means = frame.mean()
+        rows = per_class_frame(chosen, report.class_pixels)
         out[f"r{i}"] = {"label": html.escape(f"{row_label(cfg)} ({cfg['dataset']})"), "seeds": len(chosen),
-                        "classes": [html.escape(str(c)) for c in frame.columns],
-                        "iou": [None if pd.isna(v) else round(float(v), 2) for v in means]}  # fmt: skip
+                        "classes": [html.escape(str(c)) for c in rows["class"]],
+                        "iou": [None if not p or pd.isna(v) else round(float(v), 2)
+                                for v, p in zip(rows["iou"], rows["present"])],
+                        "absent": [not p for p in rows["present"]]}  # fmt: skip
     return out
 
 
@@ -254,6 +255,8 @@ def render(report: Report, figures: list[tuple[str, str]]) -> str:
     best = report.board.iloc[0]
     parts += [f"<h2>Per-class IoU of the best configuration ({html.escape(row_label(best))})</h2>",
               _frame_table(report.per_class)]  # fmt: skip
+    if report.absent_note():
+        parts.append(f"<p class='note'>{html.escape(report.absent_note())}</p>")
     parts.append("<h2>Figures</h2>")
     for key, caption in figures:
         path = report.written.get(key)

@@ -20,6 +20,9 @@ from ..evaluation.per_image import STORE_NAME, StoredCell, read_cell_npz, read_s
 
 log = logging.getLogger(__name__)
 RESTORED_KEY = "restored_from"  # a cell record resumed from a committed results table (graph/committed.py)
+# set on a cell read back from a results table that predates its class_names column: its class names are in
+# alphabetical order (from the per-class IoU), not in the order of the count matrices' class axis
+UNORDERED_KEY = "class_order_unknown"
 DEFAULT_PROTOCOL = {"name": "default", "matching": "auto", "objective": "pixels", "panels": 4}
 
 
@@ -77,6 +80,7 @@ def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[
         rec = {k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))}
         params = json.loads(rec.pop("params", "{}") or "{}")
         per_class = json.loads(rec.pop("per_class_iou", "{}") or "{}")
+        class_names = json.loads(rec.pop("class_names", "") or "null")
         protocol = json.loads(rec.pop("protocol", "null") or "null") or grid_protocol
         names = json.loads(rec.pop("stage_names", "null") or "null") or {
             kind: (params.get(kind) or {}).get("name", rec.get(kind)) for kind in
@@ -94,7 +98,8 @@ def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[
                 "row": {**rec, "environment": env},
                 "params": params,
                 "per_class_iou": per_class,
-                "class_names": list(per_class),
+                "class_names": class_names or list(per_class),
+                **({} if class_names else {UNORDERED_KEY: True}),
                 "identity": {
                     "protocol": protocol,
                     "stages": [{"kind": k, "name": v} for k, v in names.items()],
@@ -135,6 +140,27 @@ def collect_per_image_counts(
         elif cid in stored:
             found[cid] = stored[cid]
     return found, stored
+
+
+def class_pixels(cells: list[dict[str, Any]], counts: dict[str, StoredCell]) -> dict[str, dict[str, int]]:
+    """Ground-truth pixels per class name in each cell's scored images (cell id -> {class: pixels}): a class with
+    none is absent from them, whatever its IoU reads. Cells whose class order is unknown are left out."""
+    out: dict[str, dict[str, int]] = {}
+    for cell in cells:
+        names = cell.get("class_names")
+        totals = _label_totals(cell, counts.get(cell["row"]["cell_id"]))
+        if names and not cell.get(UNORDERED_KEY) and totals is not None and len(totals) == len(names):
+            out[cell["row"]["cell_id"]] = dict(zip(names, totals.tolist()))
+    return out
+
+
+def _label_totals(cell: dict[str, Any], stored: StoredCell | None) -> np.ndarray | None:
+    """Labelled pixels per class index of a cell, from its per-image counts, else its recorded confusion matrix."""
+    if stored is not None:
+        return stored.counts.total().sum(0)
+    if cell.get("confusion") is not None:
+        return np.asarray(cell["confusion"], dtype=np.int64).sum(0)
+    return None
 
 
 def sync_per_image_counts(output: Path, cells: list[dict[str, Any]]) -> dict[str, StoredCell]:

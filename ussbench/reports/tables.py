@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..registry import KINDS
+from .records import UNORDERED_KEY
 
 STAGE_COLUMNS = list(KINDS)  # one column per stage, in the registry's order
 PROBE_COLUMNS = [
     "probe_miou",
     "probe_acc",
 ]  # linear probe of the row's representation (ussbench.evaluation.probe)
+ABSENT = "absent"  # per-class tables: the class has no ground-truth pixel in the scored images
 TIME_COLUMNS = ["time_features_s", "time_feature_learner_s", "time_feature_learner_fit_s", "time_image_clusterer_s",
                 "time_dataset_clusterer_s", "time_eval_s", "time_total_s"]  # fmt: skip
 
@@ -28,6 +31,7 @@ def results_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
         row["machine"] = env.get("gpu") or env.get("processor", "")
         row["params"] = json.dumps(cell.get("params", {}), sort_keys=True, default=str)
         row["per_class_iou"] = json.dumps(cell.get("per_class_iou", {}))
+        row["class_names"] = _ordered_class_names(cell)
         row["backbone_name"] = cell.get("backbone_report_name", row.get("backbone"))
         # what a report rebuilt without the cells (a fresh clone) still needs: protocol, plugin names, machine
         identity = cell.get("identity", {})
@@ -51,6 +55,48 @@ def results_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
         "pixel_accuracy_no_crf",
     ]
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
+
+
+def _ordered_class_names(cell: dict[str, Any]) -> str:
+    """The cell's class names in the order of its counts' class axis (JSON), so a results table keeps it; "" if
+    unknown (the per-class IoU keys are sorted by name)."""
+    names = cell.get("class_names")
+    return json.dumps(list(names)) if names and not cell.get(UNORDERED_KEY) else ""
+
+
+def per_class_frame(chosen: list[dict[str, Any]], pixels: dict[str, dict[str, int]]) -> pd.DataFrame:
+    """One row's per-class IoU (%, mean over its seeds) and whether each class occurs in its scored images."""
+    frame = pd.DataFrame(
+        [{k: (np.nan if v is None else v * 100) for k, v in c["per_class_iou"].items()} for c in chosen]
+    )
+    means = frame.mean()
+    present = [_occurs(str(name), iou, chosen, pixels) for name, iou in means.items()]
+    return pd.DataFrame({"class": frame.columns, "iou": means.to_numpy(), "present": present})
+
+
+def _occurs(
+    name: str, mean_iou: float, chosen: list[dict[str, Any]], pixels: dict[str, dict[str, int]]
+) -> bool:
+    """Whether a class has a ground-truth pixel in the row's scored images. Without the counts, only an
+    undefined IoU says so (IoU is undefined only for a class that neither occurs nor is predicted)."""
+    counted = [
+        pixels[c["row"]["cell_id"]][name] for c in chosen if name in pixels.get(c["row"]["cell_id"], {})
+    ]
+    return any(n > 0 for n in counted) if counted else not pd.isna(mean_iou)
+
+
+def per_class_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The per-class table as shown (Markdown and HTML alike): IoU (%) to two decimals, or 'absent'."""
+    return pd.DataFrame(
+        {"class": rows["class"], "IoU (%)": [iou_text(v, p) for v, p in zip(rows["iou"], rows["present"])]}
+    )
+
+
+def iou_text(value: float, present: bool) -> str:
+    """A class's IoU as shown: 'absent' when no scored image contains it (its 0 or nan measures nothing)."""
+    if not present:
+        return ABSENT
+    return "n/a" if pd.isna(value) else f"{value:.2f}"
 
 
 def leaderboard_frame(results: pd.DataFrame) -> pd.DataFrame:
