@@ -1,0 +1,74 @@
+"""Datasets read from tiny copies of their standard on-disk layouts, with the variations real copies have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ussbench.datasets.voc import VOC2012
+from ussbench.errors import DataError
+
+VOC_IDS = ["2007_000033", "2007_000042"]
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (index -> RGB) as a flat 768-entry PIL palette."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):
+            r |= (c & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def band_label(values: list[int], size: tuple[int, int] = (24, 32)) -> np.ndarray:
+    """(H, W) uint8 map of vertical bands, one per value, left to right."""
+    h, w = size
+    label = np.zeros((h, w), dtype=np.uint8)
+    for k, v in enumerate(values):
+        label[:, k * w // len(values) : (k + 1) * w // len(values)] = v
+    return label
+
+
+def write_voc(root: Path) -> Path:
+    """VOCdevkit/VOC2012 with JPEGImages, palette SegmentationClass PNGs (background, person, void, cat)."""
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in VOC_IDS:
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
+            base / "JPEGImages" / f"{i}.jpg"
+        )
+        label = Image.fromarray(band_label([0, 15, 255, 8]), mode="P")
+        label.putpalette(voc_palette())
+        label.save(base / "SegmentationClass" / f"{i}.png")
+    (base / "ImageSets/Segmentation/val.txt").write_text("\n".join(VOC_IDS) + "\n")
+    return base
+
+
+def test_voc_palette_indices_are_the_classes_and_255_is_void(tmp_path):
+    write_voc(tmp_path)
+    ds = VOC2012(data_root=str(tmp_path))
+    ds.check()
+    label = ds.load_label(0)
+    assert label[0, [0, 8, 16, 24]].tolist() == [0, 15, -1, 8]  # background, person, void, cat
+
+
+def test_voc_labels_resaved_as_grey_levels_fail_instead_of_being_ignored(tmp_path):
+    """A palette PNG converted to grey levels holds luminances (person 147, cat 38): they used to become void
+    silently, leaving only the background to score."""
+    base = write_voc(tmp_path)
+    path = base / "SegmentationClass" / f"{VOC_IDS[0]}.png"
+    Image.open(path).convert("L").save(path)
+    ds = VOC2012(data_root=str(tmp_path))
+    with pytest.raises(DataError, match=rf"{VOC_IDS[0]}.png' has value \d+; VOC labels hold palette indices"):
+        ds.load_label(0)
