@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ussbench.datasets.folder import ImageMaskFolder
 from ussbench.datasets.voc import VOC2012
 from ussbench.errors import DataError
 
@@ -72,3 +73,28 @@ def test_voc_labels_resaved_as_grey_levels_fail_instead_of_being_ignored(tmp_pat
     ds = VOC2012(data_root=str(tmp_path))
     with pytest.raises(DataError, match=rf"{VOC_IDS[0]}.png' has value \d+; VOC labels hold palette indices"):
         ds.load_label(0)
+
+
+def write_folder(root: Path, n: int = 2) -> Path:
+    """images/<name>.jpg + labels/<name>.png (classes 0, 1, 2 and void 255) for an image_folder dataset."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
+            root / "images" / f"im{k}.jpg"
+        )
+        Image.fromarray(band_label([0, 1, 2, 255])).save(root / "labels" / f"im{k}.png")
+    return root
+
+
+def test_a_16_bit_grey_image_keeps_its_contrast(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey values at 255: every such image used to be read as pure white."""
+    root = write_folder(tmp_path / "folder")
+    grey = np.linspace(0, 65535, 24 * 32).reshape(24, 32).astype(np.uint16)
+    (root / "images" / "im0.jpg").unlink()
+    Image.fromarray(grey).save(root / "images" / "im0.png")
+    image = ImageMaskFolder(num_classes=3, data_root=str(root)).load_image(0)
+    assert image.dtype == np.uint8 and image.shape == (24, 32, 3)
+    assert image[0, 0].tolist() == [0, 0, 0] and image[-1, -1].tolist() == [255, 255, 255]
+    assert np.abs(image[:, :, 0].astype(int) - grey // 257).max() <= 1

@@ -66,10 +66,21 @@ def paired_files(
     return pairs
 
 
+GREY16_MODES = ("I", "I;16", "I;16B", "I;16L")  # how PIL opens a 16-bit grey PNG
+
+
+def grey16_to_rgb(image: Image.Image) -> np.ndarray:
+    """RGB uint8 of a 16-bit grey image, 0..65535 scaled to 0..255 (PIL's convert clips it: a white image)."""
+    grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return np.repeat(np.rint(grey / 257).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); unreadable files raise DataError naming the file."""
     try:
         with Image.open(path) as im:
+            if im.mode in GREY16_MODES:
+                return grey16_to_rgb(im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
