@@ -98,3 +98,13 @@ def test_a_16_bit_grey_image_keeps_its_contrast(tmp_path):
     assert image.dtype == np.uint8 and image.shape == (24, 32, 3)
     assert image[0, 0].tolist() == [0, 0, 0] and image[-1, -1].tolist() == [255, 255, 255]
     assert np.abs(image[:, :, 0].astype(int) - grey // 257).max() <= 1
+
+
+@pytest.mark.parametrize("points_at", ["VOCdevkit", "VOCdevkit/VOC2012", ".."])
+def test_a_data_root_one_level_off_names_the_folder_to_pass(tmp_path, points_at):
+    """--data-root at VOCdevkit/ (or inside it), or at the folder above the one holding it: the error names
+    the folder that holds VOCdevkit/VOC2012/ (it used to repeat the generic hint only)."""
+    root = tmp_path / "pascal"
+    write_voc(root)
+    with pytest.raises(DataError, match=rf"'{root}' holds VOCdevkit/VOC2012/: pass --data-root {root}$"):
+        VOC2012(data_root=str(root / points_at)).ids()

@@ -34,11 +34,27 @@ def resolve_root(root: str | None, data_root: str | None, default_subdir: str, d
         raise DataError(f"dataset {dataset!r} needs a data root: {hint} (or give the dataset a 'root')")
     path = Path(data_root).expanduser() / default_subdir
     if not path.is_dir():
+        nearby = nearby_data_root(Path(data_root).expanduser(), default_subdir)
+        if nearby is not None:
+            hint = f"{str(nearby)!r} holds {default_subdir}/: pass --data-root {nearby}"
         raise DataError(
             f"dataset {dataset!r}: {default_subdir}/ not found under the data root {str(data_root)!r} "
             f"({str(path)!r} does not exist); {hint}"
         )
     return path
+
+
+def nearby_data_root(data_root: Path, subdir: str) -> Path | None:
+    """The folder a data root one level off meant: a parent (it points inside ``subdir``) or a child (it points
+    one level too high) that holds ``subdir``; None if there is none (or ``subdir`` is the root itself)."""
+    if subdir.strip("/.") == "":
+        return None
+    absolute = data_root.absolute()
+    for parent in list(absolute.parents)[: len(Path(subdir).parts)]:
+        if (parent / subdir).is_dir():
+            return parent
+    children = sorted(absolute.iterdir()) if absolute.is_dir() else []
+    return next((child for child in children if (child / subdir).is_dir()), None)
 
 
 def paired_files(
