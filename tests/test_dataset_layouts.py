@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ussbench.datasets.cityscapes import Cityscapes27
 from ussbench.datasets.folder import ImageMaskFolder
 from ussbench.datasets.voc import VOC2012
 from ussbench.errors import DataError
@@ -108,3 +109,47 @@ def test_a_data_root_one_level_off_names_the_folder_to_pass(tmp_path, points_at)
     write_voc(root)
     with pytest.raises(DataError, match=rf"'{root}' holds VOCdevkit/VOC2012/: pass --data-root {root}$"):
         VOC2012(data_root=str(root / points_at)).ids()
+
+
+def test_a_folder_without_readable_images_names_the_folder_and_what_it_holds(tmp_path):
+    """TIFF images (or images one folder deeper) used to give "found no images" and the parameter dict."""
+    root = write_folder(tmp_path / "folder")
+    for path in (root / "images").iterdir():
+        path.rename(path.with_suffix(".tif"))
+    with pytest.raises(
+        DataError, match=r"no .jpg/.jpeg/.png/.bmp images in '.*images': it holds 2 other .* 'im0.tif'"
+    ):
+        ImageMaskFolder(num_classes=3, data_root=str(root)).check()
+
+
+def write_cityscapes(root: Path) -> Path:
+    """cityscapes/leftImg8bit/val/<city>/*_leftImg8bit.png + gtFine/val/<city>/*_gtFine_labelIds.png."""
+    base = root / "cityscapes"
+    for city in ("frankfurt", "lindau"):
+        (base / "leftImg8bit/val" / city).mkdir(parents=True)
+        (base / "gtFine/val" / city).mkdir(parents=True)
+        stem = f"{city}_000000_000019"
+        Image.fromarray(np.zeros((16, 32, 3), dtype=np.uint8)).save(
+            base / "leftImg8bit/val" / city / f"{stem}_leftImg8bit.png"
+        )
+        label = band_label([0, 6, 7, 26, 33, 255], (16, 32))  # unlabeled, ground, road, car, bicycle, void
+        Image.fromarray(label).save(base / "gtFine/val" / city / f"{stem}_gtFine_labelIds.png")
+    return base
+
+
+def test_cityscapes_label_ids_map_to_the_27_classes(tmp_path):
+    write_cityscapes(tmp_path)
+    ds = Cityscapes27(data_root=str(tmp_path), strict_count=False)
+    ds.check()
+    assert ds.ids() == ["frankfurt/frankfurt_000000_000019", "lindau/lindau_000000_000019"]
+    row = ds.load_label(0)[0]
+    assert row[[0, 6, 11, 16, 22, 27]].tolist() == [-1, -1, 0, 19, 26, -1]
+    assert ds.class_names[19] == "car" and ds.class_names[26] == "bicycle"
+
+
+def test_cityscapes_images_without_city_folders_name_the_layout(tmp_path):
+    base = write_cityscapes(tmp_path)
+    for path in (base / "leftImg8bit/val").glob("*/*.png"):
+        path.rename(base / "leftImg8bit/val" / path.name)
+    with pytest.raises(DataError, match=r"no <city>/\*_leftImg8bit.png images in '.*val': it holds 4 other"):
+        Cityscapes27(data_root=str(tmp_path), strict_count=False).check()

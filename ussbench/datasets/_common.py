@@ -79,7 +79,16 @@ def paired_files(
         if not lab.is_file():
             raise DataError(f"label file {str(lab)!r} for image {img.name!r} does not exist")
         pairs.append((img.stem, img, lab))
+    if not pairs:
+        raise DataError(no_images_error(images_dir, "/".join(IMAGE_SUFFIXES)))
     return pairs
+
+
+def no_images_error(folder: Path, pattern: str) -> str:
+    """One line saying that ``folder`` holds no image named like ``pattern``, with an entry it does hold."""
+    entries = sorted(folder.iterdir())
+    held = f"it holds {len(entries)} other entries, e.g. {entries[0].name!r}" if entries else "it is empty"
+    return f"no {pattern} images in {str(folder)!r}: {held}"
 
 
 GREY16_MODES = ("I", "I;16", "I;16B", "I;16L")  # how PIL opens a 16-bit grey PNG
