@@ -153,3 +153,24 @@ def test_cityscapes_images_without_city_folders_name_the_layout(tmp_path):
         path.rename(base / "leftImg8bit/val" / path.name)
     with pytest.raises(DataError, match=r"no <city>/\*_leftImg8bit.png images in '.*val': it holds 4 other"):
         Cityscapes27(data_root=str(tmp_path), strict_count=False).check()
+
+
+def test_upper_case_suffixes_are_found(tmp_path):
+    """``IM0.JPG`` / ``im0.PNG`` (cameras, Windows tools): the image was found, its ``.PNG`` label was not."""
+    root = write_folder(tmp_path / "folder")
+    for path in [*(root / "images").iterdir(), *(root / "labels").iterdir()]:
+        path.rename(path.with_suffix(path.suffix.upper()))
+    ds = ImageMaskFolder(num_classes=3, data_root=str(root))
+    ds.check()
+    assert ds.ids() == ["im0", "im1"] and ds.load_label(1)[0, [0, 8, 16, 24]].tolist() == [0, 1, 2, -1]
+
+
+def test_a_jpeg_label_is_refused_by_name(tmp_path):
+    root = write_folder(tmp_path / "folder")
+    label = root / "labels" / "im1.png"
+    Image.open(label).save(label.with_suffix(".jpg"))
+    label.unlink()
+    with pytest.raises(
+        DataError, match=r"label file '.*im1.jpg' is a JPEG, whose compression alters label values"
+    ):
+        ImageMaskFolder(num_classes=3, data_root=str(root)).check()

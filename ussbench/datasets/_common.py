@@ -68,6 +68,7 @@ def paired_files(
         raise DataError(f"label folder {str(labels_dir)!r} does not exist")
     pairs = []
     seen: dict[str, Path] = {}
+    labels = {path.name.lower(): path for path in labels_dir.iterdir()}
     for img in sorted(images_dir.iterdir()):
         if img.suffix.lower() not in IMAGE_SUFFIXES:
             continue
@@ -75,13 +76,30 @@ def paired_files(
             raise DataError(f"images {str(seen[img.stem])!r} and {str(img)!r} share the name {img.stem!r} (and its "
                             "label); keep one of them")  # fmt: skip
         seen[img.stem] = img
-        lab = labels_dir / (img.stem + label_suffix)
-        if not lab.is_file():
-            raise DataError(f"label file {str(lab)!r} for image {img.name!r} does not exist")
-        pairs.append((img.stem, img, lab))
+        pairs.append((img.stem, img, find_label(labels, labels_dir, img, label_suffix)))
     if not pairs:
         raise DataError(no_images_error(images_dir, "/".join(IMAGE_SUFFIXES)))
     return pairs
+
+
+def find_label(labels: dict[str, Path], labels_dir: Path, image: Path, suffix: str) -> Path:
+    """The label file of ``image`` from ``labels`` (lower-cased name -> path), its suffix in any case (``a.PNG``).
+
+    A missing label is a DataError naming the file looked for; a JPEG label in its place is refused by name,
+    since JPEG's lossy compression changes the label values along every edge.
+    """
+    wanted = labels_dir / (image.stem + suffix)
+    if wanted.is_file():
+        return wanted
+    found = labels.get(wanted.name.lower())
+    if found is not None and found.is_file():
+        return found
+    jpeg = labels.get(image.stem.lower() + ".jpg") or labels.get(image.stem.lower() + ".jpeg")
+    if jpeg is not None:
+        raise DataError(
+            f"label file {str(jpeg)!r} is a JPEG, whose compression alters label values; save labels as {suffix}"
+        )
+    raise DataError(f"label file {str(wanted)!r} for image {image.name!r} does not exist")
 
 
 def no_images_error(folder: Path, pattern: str) -> str:
