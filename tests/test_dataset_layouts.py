@@ -174,3 +174,22 @@ def test_a_jpeg_label_is_refused_by_name(tmp_path):
         DataError, match=r"label file '.*im1.jpg' is a JPEG, whose compression alters label values"
     ):
         ImageMaskFolder(num_classes=3, data_root=str(root)).check()
+
+
+def test_a_1_bit_mask_is_read_as_0_and_1(tmp_path):
+    """A binary mask saved as a 1-bit PNG (mode "1") is single-channel: it used to be refused as not one."""
+    root = write_folder(tmp_path / "folder")
+    Image.fromarray(band_label([0, 255])).convert("1").save(root / "labels" / "im0.png")
+    label = ImageMaskFolder(num_classes=2, data_root=str(root)).load_label(0)
+    assert label[0, [0, 24]].tolist() == [0, 1]
+
+
+def test_a_colour_label_is_one_line_naming_the_file_once(tmp_path):
+    base = write_voc(tmp_path)
+    path = base / "SegmentationClass" / f"{VOC_IDS[0]}.png"
+    Image.open(path).convert("RGB").save(path)
+    with pytest.raises(
+        DataError, match=r"^label file '[^']*' has mode 'RGB'; expected a single-channel PNG"
+    ) as err:
+        VOC2012(data_root=str(tmp_path)).load_label(0)
+    assert str(err.value).count(VOC_IDS[0]) == 1

@@ -129,17 +129,23 @@ def read_rgb(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
+LABEL_MODES = ("1", "L", "P", *GREY16_MODES)  # single-channel: 1-bit masks, grey levels, palette indices
+
+
 def read_label_png(path: Path) -> np.ndarray:
-    """Raw label values (H, W) as int64 from a single-channel (or palette) PNG."""
+    """Raw label values (H, W) as int64 from a single-channel PNG (1-bit, 8-bit grey or palette, 16-bit)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(
-                    f"label file {str(path)!r} has mode {im.mode!r}; expected a single-channel PNG"
-                )
-            return np.asarray(im, dtype=np.int64).copy()
+            mode = im.mode
+            raw = np.asarray(im, dtype=np.int64).copy() if mode in LABEL_MODES else None
     except OSError as exc:
         raise DataError(f"cannot read label {str(path)!r}: {exc}") from exc
+    if raw is None:  # raised here, not in the try: DataError is an OSError and would be wrapped twice
+        raise DataError(
+            f"label file {str(path)!r} has mode {mode!r}; expected a single-channel PNG of class values "
+            "(palette or grey levels), not colours"
+        )
+    return raw
 
 
 def identity_table(n_classes: int, size: int = 256) -> np.ndarray:
