@@ -193,3 +193,12 @@ def test_a_colour_label_is_one_line_naming_the_file_once(tmp_path):
     ) as err:
         VOC2012(data_root=str(tmp_path)).load_label(0)
     assert str(err.value).count(VOC_IDS[0]) == 1
+
+
+def test_a_listed_voc_image_without_its_label_is_named_before_work(tmp_path):
+    base = write_voc(tmp_path)
+    (base / "SegmentationClass" / f"{VOC_IDS[1]}.png").unlink()
+    with pytest.raises(
+        DataError, match=rf"^dataset 'voc2012': file '[^']*{VOC_IDS[1]}.png' named by the image list"
+    ):
+        VOC2012(data_root=str(tmp_path)).check()

@@ -6,9 +6,11 @@ from typing import Literal
 
 import numpy as np
 
+from ..base import Dataset
 from ..errors import DataError
 from ..registry import register
 from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
+from ._lists import check_listed_files
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -60,6 +62,12 @@ class VOC2012(FileListDataset):
             raise DataError(f"VOC split list {str(list_file)!r} does not exist")
         ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
         return [(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
+
+    def check(self) -> None:
+        """Every listed image and label must exist (named by the error), before their sizes are compared."""
+        Dataset.check(self)
+        check_listed_files([p for _, image, label in self._files() for p in (image, label)], "voc2012")
+        self.check_label_sizes()
 
     def load_image(self, index: int) -> np.ndarray:
         path = self._files()[index][1]
