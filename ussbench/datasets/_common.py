@@ -34,11 +34,27 @@ def resolve_root(root: str | None, data_root: str | None, default_subdir: str, d
         raise DataError(f"dataset {dataset!r} needs a data root: {hint} (or give the dataset a 'root')")
     path = Path(data_root).expanduser() / default_subdir
     if not path.is_dir():
+        nearby = nearby_data_root(Path(data_root).expanduser(), default_subdir)
+        if nearby is not None:
+            hint = f"{str(nearby)!r} holds {default_subdir}/: pass --data-root {nearby}"
         raise DataError(
             f"dataset {dataset!r}: {default_subdir}/ not found under the data root {str(data_root)!r} "
             f"({str(path)!r} does not exist); {hint}"
         )
     return path
+
+
+def nearby_data_root(data_root: Path, subdir: str) -> Path | None:
+    """The folder a data root one level off meant: a parent (it points inside ``subdir``) or a child (it points
+    one level too high) that holds ``subdir``; None if there is none (or ``subdir`` is the root itself)."""
+    if subdir.strip("/.") == "":
+        return None
+    absolute = data_root.absolute()
+    for parent in list(absolute.parents)[: len(Path(subdir).parts)]:
+        if (parent / subdir).is_dir():
+            return parent
+    children = sorted(absolute.iterdir()) if absolute.is_dir() else []
+    return next((child for child in children if (child / subdir).is_dir()), None)
 
 
 def paired_files(
@@ -52,6 +68,7 @@ def paired_files(
         raise DataError(f"label folder {str(labels_dir)!r} does not exist")
     pairs = []
     seen: dict[str, Path] = {}
+    labels = {path.name.lower(): path for path in labels_dir.iterdir()}
     for img in sorted(images_dir.iterdir()):
         if img.suffix.lower() not in IMAGE_SUFFIXES:
             continue
@@ -59,33 +76,76 @@ def paired_files(
             raise DataError(f"images {str(seen[img.stem])!r} and {str(img)!r} share the name {img.stem!r} (and its "
                             "label); keep one of them")  # fmt: skip
         seen[img.stem] = img
-        lab = labels_dir / (img.stem + label_suffix)
-        if not lab.is_file():
-            raise DataError(f"label file {str(lab)!r} for image {img.name!r} does not exist")
-        pairs.append((img.stem, img, lab))
+        pairs.append((img.stem, img, find_label(labels, labels_dir, img, label_suffix)))
+    if not pairs:
+        raise DataError(no_images_error(images_dir, "/".join(IMAGE_SUFFIXES)))
     return pairs
+
+
+def find_label(labels: dict[str, Path], labels_dir: Path, image: Path, suffix: str) -> Path:
+    """The label file of ``image`` from ``labels`` (lower-cased name -> path), its suffix in any case (``a.PNG``).
+
+    A missing label is a DataError naming the file looked for; a JPEG label in its place is refused by name,
+    since JPEG's lossy compression changes the label values along every edge.
+    """
+    wanted = labels_dir / (image.stem + suffix)
+    if wanted.is_file():
+        return wanted
+    found = labels.get(wanted.name.lower())
+    if found is not None and found.is_file():
+        return found
+    jpeg = labels.get(image.stem.lower() + ".jpg") or labels.get(image.stem.lower() + ".jpeg")
+    if jpeg is not None:
+        raise DataError(
+            f"label file {str(jpeg)!r} is a JPEG, whose compression alters label values; save labels as {suffix}"
+        )
+    raise DataError(f"label file {str(wanted)!r} for image {image.name!r} does not exist")
+
+
+def no_images_error(folder: Path, pattern: str) -> str:
+    """One line saying that ``folder`` holds no image named like ``pattern``, with an entry it does hold."""
+    entries = sorted(folder.iterdir())
+    held = f"it holds {len(entries)} other entries, e.g. {entries[0].name!r}" if entries else "it is empty"
+    return f"no {pattern} images in {str(folder)!r}: {held}"
+
+
+GREY16_MODES = ("I", "I;16", "I;16B", "I;16L")  # how PIL opens a 16-bit grey PNG
+
+
+def grey16_to_rgb(image: Image.Image) -> np.ndarray:
+    """RGB uint8 of a 16-bit grey image, 0..65535 scaled to 0..255 (PIL's convert clips it: a white image)."""
+    grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return np.repeat(np.rint(grey / 257).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 def read_rgb(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); unreadable files raise DataError naming the file."""
     try:
         with Image.open(path) as im:
+            if im.mode in GREY16_MODES:
+                return grey16_to_rgb(im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
+LABEL_MODES = ("1", "L", "P", *GREY16_MODES)  # single-channel: 1-bit masks, grey levels, palette indices
+
+
 def read_label_png(path: Path) -> np.ndarray:
-    """Raw label values (H, W) as int64 from a single-channel (or palette) PNG."""
+    """Raw label values (H, W) as int64 from a single-channel PNG (1-bit, 8-bit grey or palette, 16-bit)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(
-                    f"label file {str(path)!r} has mode {im.mode!r}; expected a single-channel PNG"
-                )
-            return np.asarray(im, dtype=np.int64).copy()
+            mode = im.mode
+            raw = np.asarray(im, dtype=np.int64).copy() if mode in LABEL_MODES else None
     except OSError as exc:
         raise DataError(f"cannot read label {str(path)!r}: {exc}") from exc
+    if raw is None:  # raised here, not in the try: DataError is an OSError and would be wrapped twice
+        raise DataError(
+            f"label file {str(path)!r} has mode {mode!r}; expected a single-channel PNG of class values "
+            "(palette or grey levels), not colours"
+        )
+    return raw
 
 
 def identity_table(n_classes: int, size: int = 256) -> np.ndarray:

@@ -14,7 +14,14 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import register
-from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
+from ._common import (
+    FileListDataset,
+    FileTriple,
+    lookup_byte_labels,
+    no_images_error,
+    read_label_png,
+    resolve_root,
+)
 from ._lists import check_count
 
 FIRST_NONVOID = 7
@@ -99,6 +106,8 @@ class Cityscapes27(FileListDataset):
             if not lab.is_file():
                 raise DataError(f"dataset 'cityscapes27': label file {str(lab)!r} does not exist")
             items.append((f"{img.parent.name}/{stem}", img, lab))
+        if not items:
+            raise DataError(f"dataset 'cityscapes27': {no_images_error(img_dir, f'<city>/*{IMAGE_SUFFIX}')}")
         if self.strict_count:
             check_count(
                 len(items), SPLIT_COUNTS[self.split], "cityscapes27", f"{self.split} split {str(img_dir)!r}"
