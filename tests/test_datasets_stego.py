@@ -112,6 +112,18 @@ def test_cocostuff27_list_checks(tmp_path):
         CocoStuff27(data_root=str(tmp_path), list_file=str(custom)).check()
 
 
+def test_cocostuff27_names_the_official_label_folder(tmp_path):
+    """COCO-Stuff ships its labels as stuffthingmaps_trainval2017/; STEGO's layout calls them annotations/. Before,
+    the error named a missing annotations/... file without saying why."""
+    write_coco(tmp_path, {"a": np.zeros((2, 2))})
+    base = tmp_path / "cocostuff"
+    (base / "annotations").rename(base / "stuffthingmaps_trainval2017")
+    with pytest.raises(DataError, match=r"holds COCO's stuffthingmaps_trainval2017/ .* ln -s"):
+        CocoStuff27(data_root=str(tmp_path), strict_count=False).check()
+    (base / "annotations").symlink_to(base / "stuffthingmaps_trainval2017")
+    CocoStuff27(data_root=str(tmp_path), strict_count=False).check()  # the link the message suggests works
+
+
 def test_cocostuff27_rejects_values_outside_cocostuff(tmp_path):
     write_coco(tmp_path, {"a": np.array([[3, 200]])})
     with pytest.raises(DataError, match="value 200"):

@@ -27,6 +27,7 @@ CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 CURATED_COUNTS = {"val": 2175, "train": 49629}  # IIC/PiCIE curated lists (reference study §1.1)
 N_FINE = 182
 UNLABELED = 255
+OFFICIAL_LABELS = "stuffthingmaps_trainval2017"  # the label folder as COCO-Stuff ships it
 
 
 @lru_cache(maxsize=1)
@@ -110,6 +111,13 @@ class CocoStuff27(FileListDataset):
 
     def check(self) -> None:
         Dataset.check(self)  # the listed files must exist before their sizes are compared
+        base = self._base()
+        official = base / OFFICIAL_LABELS
+        if not (base / "annotations").is_dir() and official.is_dir():  # COCO's own name for the label folder
+            raise DataError(
+                f"dataset 'cocostuff27': {str(base)!r} holds COCO's {OFFICIAL_LABELS}/ but not annotations/ "
+                f"(STEGO's layout); link it: ln -s {OFFICIAL_LABELS} {base / 'annotations'}"
+            )
         check_listed_files([p for _, img, lab in self._files() for p in (img, lab)], "cocostuff27")
         self.check_label_sizes()
 
