@@ -188,3 +188,17 @@ def test_rows_are_paired_by_seed_value_not_by_position():
         on_shared_seeds(boots["full"], boots["lone"]) is None
         and paired_rows(boots["gap"], boots["lone"]) is None
     )
+
+
+def test_score_intervals_stay_within_0_and_100():
+    """On few images the basic interval reflects the replicates' skew and crossed 0 (a new user saw mIoU CI
+    [-13.10, 3.52] at --limit 3); score intervals are truncated to the score's range, Δ intervals are not."""
+    from ussbench.evaluation.statistics import centred_interval, score_interval
+
+    reps = np.array([2.0, 3.0, 5.0, 30.0, 40.0])  # right-skewed: the reflected lower end goes below 0
+    assert centred_interval(3.0, reps)[0] < 0
+    lo, hi = score_interval(3.0, reps)
+    assert lo == 0.0 and hi == centred_interval(3.0, reps)[1]
+    assert score_interval(99.0, 100.0 - reps)[1] == 100.0
+    inside = np.array([40.0, 41.0, 42.0, 43.0])
+    assert score_interval(41.5, inside) == centred_interval(41.5, inside)  # no change where it fits

@@ -50,7 +50,8 @@ METHOD = (
     "bootstrap over images ({B} replicates, seed {seed}): every replicate redraws the images with replacement "
     "(the same draws for every row of a dataset, so comparisons are paired), recomputes the cluster-to-class "
     "match on the resampled counts, and averages the row's seeds drawn with replacement (nested); "
-    "{level:.0%} basic (centred) intervals around the full-split score; Δ p-values two-sided from the centred "
+    "{level:.0%} basic (centred) intervals around the full-split score (truncated to [0, 100]); Δ p-values "
+    "two-sided from the centred "
     "paired replicates"
 )
 
@@ -275,6 +276,16 @@ def centred_interval(
     lo, hi = percentile_interval(reps, level)
     mean = float(reps.mean())
     return float(point - (hi - mean)), float(point + (mean - lo))
+
+
+SCORE_RANGE = (0.0, 100.0)  # mIoU and pixel accuracy, in %
+
+
+def score_interval(point: float, replicates: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+    """:func:`centred_interval` of a score in %, truncated to [0, 100]: the basic bootstrap reflects the
+    replicates' skew and can cross the score's range on few images (a -13 % lower end says only "near 0")."""
+    lo, hi = centred_interval(point, replicates, level)
+    return max(lo, SCORE_RANGE[0]), min(hi, SCORE_RANGE[1])
 
 
 @dataclass(frozen=True)

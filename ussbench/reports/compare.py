@@ -24,9 +24,9 @@ from ..evaluation.statistics import (
     METHOD,
     RowBootstrap,
     bootstrap_rows,
-    centred_interval,
     on_shared_seeds,
     paired_delta,
+    score_interval,
     shared_seeds,
 )
 from .comparisons import p_clause, row_cells
@@ -143,8 +143,8 @@ def compare(first: str, second: str, third: str | None = None, row_a: str = "1",
     lines = []
     for name, picked in (("A", a), ("B", b)):
         boot = boots[name.lower()]
-        lo, hi = centred_interval(boot.miou, boot.nested_miou, level)
-        alo, ahi = centred_interval(boot.acc, boot.nested_acc, level)
+        lo, hi = score_interval(boot.miou, boot.nested_miou, level)
+        alo, ahi = score_interval(boot.acc, boot.nested_acc, level)
         lines.append(f"{name}: {picked.folder} row {picked.position}: {picked.label} ({len(boot.seeds)} seed(s)): "
                      f"mIoU {boot.miou:.2f} [{lo:.2f}, {hi:.2f}], pixel acc. {boot.acc:.2f} [{alo:.2f}, {ahi:.2f}]")  # fmt: skip
     lines.append(f"Δ mIoU (A − B) = {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}], {p_clause(d.p_value, n_resamples)}: "

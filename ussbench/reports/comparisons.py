@@ -23,12 +23,12 @@ from ..evaluation.statistics import (
     PairedDelta,
     RowBootstrap,
     bootstrap_rows,
-    centred_interval,
     halving_plan,
     on_shared_seeds,
     paired_rows,
     rank_ranges,
     ranks_from_better,
+    score_interval,
     seeds_to_decide,
 )
 from .tables import STAGE_COLUMNS
@@ -163,14 +163,14 @@ def board_statistics(
         order = [i for i in board.index if i in boots]
         for i in order:
             b = boots[i]
-            table.loc[i, ["miou_lo", "miou_hi"]] = centred_interval(b.miou, b.nested_miou, level)
-            table.loc[i, ["acc_lo", "acc_hi"]] = centred_interval(b.acc, b.nested_acc, level)
+            table.loc[i, ["miou_lo", "miou_hi"]] = score_interval(b.miou, b.nested_miou, level)
+            table.loc[i, ["acc_lo", "acc_hi"]] = score_interval(b.acc, b.nested_acc, level)
             plan = halving_plan(b, level)
             table.loc[i, ["ci_width", "image_share", "seeds_to_halve", "images_factor_to_halve"]] = (
                 plan.width, plan.image_share, plan.seeds_to_halve, plan.images_factor_to_halve)  # fmt: skip
         if key in no_crf and set(no_crf[key]) == set(rows):
             for i, b in bootstrap_rows(no_crf[key], n_resamples, seed, matching, objective).items():
-                table.loc[i, ["miou_no_crf_lo", "miou_no_crf_hi"]] = centred_interval(
+                table.loc[i, ["miou_no_crf_lo", "miou_no_crf_hi"]] = score_interval(
                     b.miou, b.nested_miou, level
                 )
         group = GroupStatistics(dataset, next(iter(boots.values())).n_images, order, boots, None, seed=seed)
