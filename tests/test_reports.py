@@ -285,6 +285,7 @@ def test_report_covers_the_latest_run_of_each_grid_file(tmp_path, toy_root):
         assert main(["report", str(out)]) == 0
     assert main(["report", str(out), "--all-cells"]) == 0
     assert len(pd.read_csv(out / "results.csv")) == 3  # seed 1 of the first run too
+    assert "Cells: every finished cell in the folder (`--all-cells`)" in (out / "leaderboard.md").read_text()
 
 
 def test_grid_baseline_key_is_validated(tmp_path, toy_root):
@@ -506,3 +507,14 @@ def test_tied_rows_are_ordered_by_label_whatever_order_the_cells_come_in(tmp_pat
     for order in (twins + cells, cells + twins[::-1]):
         board = leaderboard_frame(results_frame(order))
         assert board.image_clusterer.tolist() == ["alpha", "eta", "zeta", "beta"]
+
+
+def test_history_line_shows_the_set_values_once():
+    """A new user saw "latest `... --set 'seeds=[0]' ...`, --set seeds=[0]": the command already holds them."""
+    from ussbench.reports.header import history_line
+
+    entry = {"command": "python -m ussbench run --grid g.yaml --set 'seeds=[0]' --limit 3", "limit": "3",
+             "set": ["seeds=[0]"], "ended": "x"}  # fmt: skip
+    line = history_line({"history": [entry]})
+    assert line.count("seeds=[0]") == 1 and line.count("--limit 3") == 1
+    assert "--set seeds=[0]" in history_line({"history": [{**entry, "command": None}]})  # no command recorded

@@ -32,7 +32,7 @@ from .failed import failures_html, failures_markdown
 from .index import build_index
 from .panels import draw_panels
 from .paper import paper_columns
-from .records import RESTORED_KEY, class_pixels, load_report_cells, sync_per_image_counts
+from .records import ALL_CELLS, RESTORED_KEY, class_pixels, load_report_cells, sync_per_image_counts
 from .tables import (
     ABSENT,
     leaderboard_display,
@@ -181,8 +181,15 @@ class Report:
                         self.class_pixels)  # fmt: skip
         if not self.scope:
             return lines
+        hint = (
+            ""
+            if self.scope == ALL_CELLS
+            else " (`ussbench report --all-cells` reports every cell in the folder)"
+        )
         covers = (
-            f"Cells: those of {self.scope} (`ussbench report --all-cells` reports every cell in the folder)."
+            f"Cells: {self.scope}{hint}."
+            if self.scope == ALL_CELLS
+            else f"Cells: those of {self.scope}{hint}."
         )
         return lines[:2] + [covers] + lines[2:]
 

@@ -142,9 +142,9 @@ def history_line(run: dict[str, Any]) -> str | None:
     parts = [f"{len(history)} run(s) into this folder (history in `run.json`)"]
     if cmd:
         parts.append(f"latest `{cmd}`")
-    if last.get("limit"):
+    if last.get("limit") and not cmd:  # the command line already shows them
         parts.append(f"--limit {last['limit']}")
-    if last.get("set"):
+    if last.get("set") and not cmd:
         parts.append("--set " + " ".join(last["set"]))
     if last.get("ended") is None and not last.get("legacy"):
         parts.append("(did not finish, or is running)")

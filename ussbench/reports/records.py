@@ -51,6 +51,9 @@ def load_report_cells(
     return cells_from_results(pd.read_parquet(results), run), False
 
 
+ALL_CELLS = "every finished cell in the folder (`--all-cells`), whichever run made it"
+
+
 def report_scope(output: Path, all_cells: bool = False) -> tuple[set[str] | None, str | None]:
     """(the cells ``ussbench report``/``compare`` cover in a folder, which runs they come from): the latest run
     of each grid file in ``run.json`` (:func:`ussbench.provenance.current_cell_ids`); (None, None), every cell,
@@ -58,7 +61,7 @@ def report_scope(output: Path, all_cells: bool = False) -> tuple[set[str] | None
     from ..provenance import current_cell_ids, read_run
 
     if all_cells:
-        return None, None
+        return None, ALL_CELLS
     cell_ids, grid_files = current_cell_ids(read_run(output))
     if cell_ids is None:
         return None, None
