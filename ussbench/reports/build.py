@@ -181,16 +181,10 @@ class Report:
                         self.class_pixels)  # fmt: skip
         if not self.scope:
             return lines
-        hint = (
-            ""
-            if self.scope == ALL_CELLS
-            else " (`ussbench report --all-cells` reports every cell in the folder)"
-        )
-        covers = (
-            f"Cells: {self.scope}{hint}."
-            if self.scope == ALL_CELLS
-            else f"Cells: those of {self.scope}{hint}."
-        )
+        if self.scope == ALL_CELLS:
+            covers = f"Cells: {ALL_CELLS}."
+        else:
+            covers = f"Cells: those of {self.scope} (`ussbench report --all-cells` reports every cell in the folder)."
         return lines[:2] + [covers] + lines[2:]
 
     def absent_note(self) -> str | None:

@@ -29,7 +29,7 @@ from ..evaluation.statistics import (
     score_interval,
     shared_seeds,
 )
-from .comparisons import p_clause, row_cells
+from .comparisons import p_clause, row_cells, seeds_text
 from .records import collect_per_image_counts, load_report_cells, report_scope
 from .tables import STAGE_COLUMNS, leaderboard_frame, results_frame
 
@@ -187,7 +187,7 @@ def paired(a: PickedRow, b: PickedRow, n_resamples: int = DEFAULT_RESAMPLES, see
     pair = on_shared_seeds(boots["a"], boots["b"], seed)
     if pair is None:
         raise DataError(f"cannot compare {a.folder}:{a.position} with {b.folder}:{b.position}: no seed in common "
-                        f"(A ran seeds {_seeds(boots['a'].seeds)}, B ran {_seeds(boots['b'].seeds)}); a paired "
+                        f"(A ran seeds {seeds_text(boots['a'].seeds)}, B ran {seeds_text(boots['b'].seeds)}); a paired "
                         "comparison needs the same seeds")  # fmt: skip
     ra, rb = pair
     return boots, paired_delta(ra.miou, rb.miou, ra.nested_miou, rb.nested_miou, level)
@@ -195,13 +195,9 @@ def paired(a: PickedRow, b: PickedRow, n_resamples: int = DEFAULT_RESAMPLES, see
 
 def seeds_line(a: RowBootstrap, b: RowBootstrap) -> str:
     """The line that says a Δ was taken on the seeds both rows ran (their rows' own lines use all of theirs)."""
-    return (f"The rows ran different seeds (A: {_seeds(a.seeds)}; B: {_seeds(b.seeds)}): Δ is taken on the seeds "
-            f"both rows ran: {_seeds(shared_seeds(a, b))}, paired by seed; the A and B lines average all their own "
+    return (f"The rows ran different seeds (A: {seeds_text(a.seeds)}; B: {seeds_text(b.seeds)}): Δ is taken on the seeds "
+            f"both rows ran: {seeds_text(shared_seeds(a, b))}, paired by seed; the A and B lines average all their own "
             "seeds.")  # fmt: skip
-
-
-def _seeds(seeds: list[int]) -> str:
-    return ", ".join(str(s) for s in seeds)
 
 
 def compare_where(folder: Path | str, where_a: dict[str, str], where_b: dict[str, str],

@@ -225,10 +225,10 @@ def seed_notes(board: pd.DataFrame, group: GroupStatistics) -> list[str]:
     lines = []
     for (seeds_a, rows_a), (seeds_b, rows_b) in itertools.combinations(sets.items(), 2):
         common = sorted(set(seeds_a) & set(seeds_b))
-        who = (f"{group.dataset}: {_rows_text(board, rows_a)} (seeds {_seeds_text(seeds_a)}) vs "
-               f"{_rows_text(board, rows_b)} (seeds {_seeds_text(seeds_b)})")  # fmt: skip
+        who = (f"{group.dataset}: {_rows_text(board, rows_a)} (seeds {seeds_text(seeds_a)}) vs "
+               f"{_rows_text(board, rows_b)} (seeds {seeds_text(seeds_b)})")  # fmt: skip
         if common:
-            lines.append(f"{who}: Δ, p and rank ranges between them use the seeds both ran ({_seeds_text(common)}), "
+            lines.append(f"{who}: Δ, p and rank ranges between them use the seeds both ran ({seeds_text(common)}), "
                          "paired by seed; their mIoU columns average all their own seeds.")  # fmt: skip
         else:
             lines.append(f"{who}: no seed in common, so no Δ between them (a paired comparison needs the same "
@@ -243,7 +243,8 @@ def _rows_text(board: pd.DataFrame, rows: list[int], shown: int = 4) -> str:
     return ("row " if len(names) == 1 else "rows ") + ", ".join(names[:shown]) + more
 
 
-def _seeds_text(seeds) -> str:
+def seeds_text(seeds: list[int] | tuple[int, ...]) -> str:
+    """'0, 2' for a note."""
     return ", ".join(str(s) for s in seeds)
 
 
@@ -273,7 +274,7 @@ def _comparison(g: GroupStatistics, a: int, b: int, stats: BoardStatistics) -> s
     if pair is None:
         return "no Δ (no seed in common)"
     d = g.delta(a, b, stats.level)
-    shared = "" if g.boots[a].seeds == g.boots[b].seeds else f" (on seeds {_seeds_text(pair[0].seeds)})"
+    shared = "" if g.boots[a].seeds == g.boots[b].seeds else f" (on seeds {seeds_text(pair[0].seeds)})"
     return (f"Δ {d.delta:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{shared}, {p_clause(d.p_value, stats.n_resamples)}: "
             f"{_verdict(d, pair[0], pair[1], stats.level)}")  # fmt: skip
 
