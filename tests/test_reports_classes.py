@@ -101,3 +101,42 @@ def test_a_results_table_without_class_order_names_no_wrong_class(report, tmp_pa
     shown = _markdown_classes(md)
     assert shown["car"] == "absent"  # its IoU is undefined in every seed: no scored pixel, none predicted
     assert float(shown["tree"]) > 0 and "- Classes:" not in md
+
+
+@pytest.mark.parametrize("plugin_classes", [CLASSES, ["sky", "road", "tree", "bus"]])
+def test_an_older_results_table_takes_its_class_order_from_the_dataset_plugin(report, tmp_path, plugin_classes):
+    """A results table without class_names, of a registered dataset: the plugin's class list (built from the
+    row's recorded parameters) names the counts' class axis when it names exactly the row's classes."""
+    import pandas as pd
+
+    from ussbench import registry
+    from ussbench.base import Dataset
+
+    class ToySet(Dataset):
+        def __init__(self):
+            self.class_names = list(plugin_classes)
+            self.num_classes = len(plugin_classes)
+
+        def ids(self):
+            return []
+
+        def load_image(self, index):
+            raise IndexError(index)
+
+        def load_label(self, index):
+            raise IndexError(index)
+
+    registry.register("dataset", "toyset")(ToySet)
+    try:
+        folder = shutil.copytree(report, tmp_path / "old")
+        shutil.rmtree(folder / "cells")
+        results = pd.read_parquet(folder / "results.parquet")
+        results.drop(columns="class_names").to_parquet(folder / "results.parquet", index=False)
+        build_report(folder, "old", n_resamples=50)
+    finally:
+        registry.unregister("dataset", "toyset")
+    md = (folder / "leaderboard.md").read_text()
+    if plugin_classes == CLASSES:
+        assert "3 of 4 classes of `toyset` occur in the scored images (absent: car)" in md
+    else:  # the plugin names another class list: the order stays unknown, no class is named from the counts
+        assert "- Classes:" not in md
