@@ -104,7 +104,9 @@ def test_a_results_table_without_class_order_names_no_wrong_class(report, tmp_pa
 
 
 @pytest.mark.parametrize("plugin_classes", [CLASSES, ["sky", "road", "tree", "bus"]])
-def test_an_older_results_table_takes_its_class_order_from_the_dataset_plugin(report, tmp_path, plugin_classes):
+def test_an_older_results_table_takes_its_class_order_from_the_dataset_plugin(
+    report, tmp_path, plugin_classes
+):
     """A results table without class_names, of a registered dataset: the plugin's class list (built from the
     row's recorded parameters) names the counts' class axis when it names exactly the row's classes."""
     import pandas as pd
