@@ -202,3 +202,42 @@ def test_a_listed_voc_image_without_its_label_is_named_before_work(tmp_path):
         DataError, match=rf"^dataset 'voc2012': file '[^']*{VOC_IDS[1]}.png' named by the image list"
     ):
         VOC2012(data_root=str(tmp_path)).check()
+
+
+def _voc_grid(tmp_path: Path, data_root: Path) -> Path:
+    from tests.conftest import tiny_grid
+
+    return tiny_grid(tmp_path, data_root, datasets=["voc2012"], image_clusterers=["none"],
+                     dataset_clusterers=["kmeans"], seeds=[0], protocol={"panels": 0, "n_clusters": 2})  # fmt: skip
+
+
+def test_a_bad_label_stops_the_run_while_planning_before_any_feature(tmp_path, capsys):
+    """Label values used to be read at cell time, after the features: now every label is decoded at planning."""
+    from ussbench.cli import main
+
+    base = write_voc(tmp_path / "data")
+    path = base / "SegmentationClass" / f"{VOC_IDS[1]}.png"
+    Image.open(path).convert("L").save(path)
+    code = main(["run", "--grid", str(_voc_grid(tmp_path, tmp_path / "data"))])
+    err = capsys.readouterr().err
+    assert code != 0 and f"{VOC_IDS[1]}.png' has value" in err and "VOC labels hold palette indices" in err
+    assert not (tmp_path / "cache" / "features").exists() and not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_passed_label_check_is_remembered_until_a_label_changes(tmp_path, monkeypatch):
+    from ussbench.config import load_grid
+    from ussbench.runner import plan_grid
+
+    base = write_voc(tmp_path / "data")
+    grid = _voc_grid(tmp_path, tmp_path / "data")
+    decoded = []
+    original = VOC2012.load_label
+    monkeypatch.setattr(VOC2012, "load_label", lambda self, i: decoded.append(i) or original(self, i))
+    plan_grid(load_grid(grid))
+    assert decoded == [0, 1]
+    plan_grid(load_grid(grid))
+    assert decoded == [0, 1]  # the same content: nothing decoded again
+    path = base / "SegmentationClass" / f"{VOC_IDS[0]}.png"
+    Image.open(path).convert("L").save(path)
+    with pytest.raises(DataError, match=f"{VOC_IDS[0]}.png' has value"):
+        plan_grid(load_grid(grid))

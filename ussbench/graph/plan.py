@@ -16,6 +16,7 @@ from .. import __version__
 from ..cache import stable_hash
 from ..config import StageEntry
 from ..fingerprint import DigestStore, dataset_fingerprint, param_files_fingerprint
+from ..label_check import check_labels_once
 from .cells import Cell, build_plugin, plugin_identity, plugin_version
 from .histograms import HistogramsStage
 from .nodes import Graph, Node, Resources
@@ -61,10 +62,17 @@ class Planner:
 
     # -- fingerprints -----------------------------------------------------------------------------------
     def data_fingerprint(self, entry: StageEntry) -> dict[str, Any]:
-        """Content fingerprint of a dataset entry's files (computed once per run)."""
+        """Content fingerprint of a dataset entry's files (computed once per run); the first time a content is
+        seen, every label is decoded too (:mod:`ussbench.label_check`), so a bad one stops the run here."""
         key = stable_hash(entry.identity())
         if key not in self._data:
-            self._data[key] = dataset_fingerprint(self.rt.raw_dataset(entry), self.digests)
+            dataset = self.rt.raw_dataset(entry)
+            fingerprint = dataset_fingerprint(dataset, self.digests)
+            if (
+                "files" in fingerprint
+            ):  # an arrays fingerprint has decoded (and so checked) every label already
+                check_labels_once(dataset, fingerprint["content"], self.digests.folder, self.rt.progress)
+            self._data[key] = fingerprint
         return self._data[key]
 
     def backbone_identity(self, entry: StageEntry) -> dict[str, Any]:
