@@ -111,6 +111,18 @@ def test_a_data_root_one_level_off_names_the_folder_to_pass(tmp_path, points_at)
         VOC2012(data_root=str(root / points_at)).ids()
 
 
+@pytest.mark.parametrize("points_at", ["images", ".."])
+def test_an_image_folder_root_one_level_off_names_the_folder_to_pass(tmp_path, points_at):
+    """An image_folder data root at images/ itself, or one folder above the dataset: the error names the folder
+    holding images/ and labels/ (it used to say only that <root>/images does not exist)."""
+    root = write_folder(tmp_path / "mine" / "toy")
+    start = root / points_at if points_at == "images" else root.parent
+    with pytest.raises(DataError, match=rf"'{root}' holds images/ and labels/: pass it as --data-root$"):
+        ImageMaskFolder(num_classes=3, data_root=str(start)).ids()
+    with pytest.raises(DataError, match=r"pass it as the dataset's root$"):
+        ImageMaskFolder(num_classes=3, root=str(start)).ids()
+
+
 def test_a_folder_without_readable_images_names_the_folder_and_what_it_holds(tmp_path):
     """TIFF images (or images one folder deeper) used to give "found no images" and the parameter dict."""
     root = write_folder(tmp_path / "folder")

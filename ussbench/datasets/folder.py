@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..registry import register
-from ._common import FileListDataset, FileTriple, paired_files, resolve_root
+from ._common import FileListDataset, FileTriple, nearby_data_root, paired_files, resolve_root
 
 
 def class_table(num_classes: int, ignore_index: int) -> np.ndarray:
@@ -58,4 +58,13 @@ class ImageMaskFolder(FileListDataset):
 
     def _list_files(self) -> list[FileTriple]:
         base = resolve_root(self.root, self.data_root, ".", "image_folder")
-        return paired_files(base / self.images_dir, base / self.labels_dir)
+        images = base / self.images_dir
+        if not images.is_dir():  # a data root one level off: name the folder that holds both sub-folders
+            nearby = nearby_data_root(base, self.images_dir)
+            if nearby is not None and (nearby / self.labels_dir).is_dir():
+                flag = "the dataset's root" if self.root is not None else "--data-root"
+                raise DataError(
+                    f"image folder {str(images)!r} does not exist; {str(nearby)!r} holds {self.images_dir}/ and "
+                    f"{self.labels_dir}/: pass it as {flag}"
+                )
+        return paired_files(images, base / self.labels_dir)
