@@ -99,6 +99,24 @@ def test_max_intensity_kernel_equals_the_torch_path():
     torch.testing.assert_close(S.grad, 2 * h_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_max_intensity_torch_path_is_the_same_in_any_chunking():
+    """The GPU path batches images in chunks (a few kernels per chunk, not per image): one image per chunk, two,
+    or all of them give the same q and H, padded images included."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 23, 8, generator=g)
+    x[1, 17:] = 0  # a padded image: its padding rows of the graph are zero
+    graph = _modularity.modularity_graph(x)
+    graph[1, 17:], graph[1, :, 17:] = 0, 0
+    St = torch.rand(5, 4, 23, generator=g)
+    per_image = 4 * 23 * 23 * St.element_size()
+    q_all, h_all = _modularity._max_intensity_torch(St, graph)
+    for chunk in (1, 2 * per_image, 3 * per_image):
+        q, h = _modularity._max_intensity_torch(St, graph, chunk_bytes=chunk)
+        torch.testing.assert_close(q, q_all, atol=0, rtol=0)
+        torch.testing.assert_close(h, h_all, atol=0, rtol=0)
+    assert h_all[1, :, 17:].abs().max() == 0 and h_all[1, :, :17].abs().max() > 0
+
+
 def test_modularity_from_a_precomputed_graph_matches_the_loss():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 15, 6, generator=g)
