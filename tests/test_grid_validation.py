@@ -381,6 +381,7 @@ FAULTS = {
     ),
     "seed flag": (_tiny("--seeds", "-1"), r"ussbench: error: --seeds\[0\]: expected an integer seed"),
     "device flag": (_tiny("--device", "tpu"), r"ussbench: error: --device expects auto, cpu"),
+    "abbreviated flag": (_tiny("--seed", "0"), r"ussbench: error: unrecognized arguments: --seed 0"),
     "data root is a file": (
         lambda t, r: _tiny("--data-root", str(_a_file(t)))(t, r),
         r"--data-root: '.*a_file' is a file, not a data folder",
@@ -457,9 +458,10 @@ FAULTS = {
 def test_malformed_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, toy_root, capsys):
     build, message = FAULTS[case]
     argv = build(tmp_path, toy_root)
-    with pytest.raises(SystemExit) if case == "limit 0" else nullcontext():
+    parser_error = case in ("limit 0", "abbreviated flag")  # argparse's own errors exit from the parser
+    with pytest.raises(SystemExit) if parser_error else nullcontext():
         code = main(argv)
-    if case == "limit 0":
+    if parser_error:
         code = 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -19,7 +19,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``ussbench: error: ...``, exit 2) like every other ussbench error."""
+    """argparse with one-line errors (``ussbench: error: ...``, exit 2) like every other ussbench error, and no
+    abbreviated flags: ``--seed 0`` would otherwise be taken as ``--seeds 0`` and run silently."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # the sub-commands' parsers are of this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"ussbench: error: {message} (see {self.prog} --help)\n")
