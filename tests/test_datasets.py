@@ -89,9 +89,17 @@ def test_folder_dataset_errors_name_the_file(tmp_path, toy_root):
 
 
 def test_folder_label_out_of_range(tmp_path, toy_root):
+    """A value that is neither a class nor ignore_index (a num_classes set too low) used to become void silently,
+    dropping that class from the score: it is an error naming the file and value, unless other_values: void."""
     Image.fromarray(np.full((48, 64), 7, dtype=np.uint8), mode="L").save(toy_root / "labels" / "img01.png")
     ds = ImageMaskFolder(num_classes=3, root=str(toy_root))
-    assert (ds.load_label(1) == -1).all()  # values >= num_classes that are not classes become ignore
+    with pytest.raises(DataError, match=r"img01.png' has value 7, neither one of the 3 classes \(values 0..2\) nor "
+                                        r"ignore_index 255; .*other_values: void"):  # fmt: skip
+        ds.load_label(1)
+    assert ds.load_label(0).max() == 2  # a file with only classes and 255 reads as before
+    void = ImageMaskFolder(num_classes=3, root=str(toy_root), other_values="void")
+    assert (void.load_label(1) == -1).all()
+    assert void.cache_identity() == ds.cache_identity()  # the same images: the same cached features
 
 
 def test_folder_ignore_index_marks_void_even_below_num_classes(toy_root):
@@ -102,7 +110,7 @@ def test_folder_ignore_index_marks_void_even_below_num_classes(toy_root):
     Image.fromarray(raw, mode="L").save(toy_root / "labels" / "img01.png")
     zero_void = ImageMaskFolder(num_classes=3, root=str(toy_root), ignore_index=0).load_label(1)
     assert [int(v) for v in zero_void[0, ::16]] == [-1, 0, 1, 2]
-    default = ImageMaskFolder(num_classes=3, root=str(toy_root)).load_label(1)
+    default = ImageMaskFolder(num_classes=3, root=str(toy_root), other_values="void").load_label(1)
     assert [int(v) for v in default[0, ::16]] == [0, 1, 2, -1]
     # more classes than a byte holds (16-bit PNGs): the table grows instead of failing to build
     wide = ImageMaskFolder(num_classes=300, root=str(toy_root), ignore_index=0)
