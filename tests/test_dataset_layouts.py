@@ -253,3 +253,23 @@ def test_a_passed_label_check_is_remembered_until_a_label_changes(tmp_path, monk
     Image.open(path).convert("L").save(path)
     with pytest.raises(DataError, match=f"{VOC_IDS[0]}.png' has value"):
         plan_grid(load_grid(grid))
+
+
+def test_a_label_check_passed_under_other_values_void_does_not_cover_the_default(tmp_path):
+    """The remembered check is keyed by every dataset parameter: a label value 7 with num_classes 3 passes with
+    other_values: void, and is still refused at planning with the default other_values: error."""
+    from tests.conftest import tiny_grid, write_toy_folder
+    from ussbench.config import load_grid
+    from ussbench.runner import plan_grid
+
+    root = write_toy_folder(tmp_path / "toy", n_images=3)
+    Image.fromarray(np.full((48, 64), 7, dtype=np.uint8), mode="L").save(root / "labels" / "img01.png")
+
+    def grid(**params):
+        dataset = {"name": "image_folder", "params": {"num_classes": 3, **params}}
+        return load_grid(tiny_grid(tmp_path, root, datasets=[dataset], seeds=[0], image_clusterers=["none"],
+                                   dataset_clusterers=["kmeans"], protocol={"panels": 0}))  # fmt: skip
+
+    plan_grid(grid(other_values="void"))
+    with pytest.raises(DataError, match=r"img01.png' has value 7, neither one of the 3 classes"):
+        plan_grid(grid())

@@ -3,8 +3,8 @@
 A bad label value (a VOC PNG re-saved as grey levels, a 16-bit map, a colour PNG) is a DataError naming the
 file; found at planning, it stops the run before the features are extracted instead of failing every cell
 after them. A check that passed is remembered under the data's content fingerprint (every image and label
-file) and the dataset's identity (plugin, parameters, version), so a warm run decodes nothing and an edited
-label file is checked again.
+file) and the dataset's plugin, parameters and version, so a warm run decodes nothing and an edited label file
+(or a parameter that changes what is valid, such as ``other_values``) is checked again.
 """
 
 from __future__ import annotations
@@ -29,14 +29,18 @@ def check_labels_once(dataset: Any, content: str, folder: Path | None, progress:
     """Decode every label of ``dataset`` (its ``load_label`` raises on a bad value) unless this content and
     identity passed before; True when the labels were decoded now. ``folder``: where the memo lives (None:
     check without remembering, as ``--dry-run`` does)."""
-    key = stable_hash({"content": content, "dataset": dataset.cache_identity()})
+    # every parameter but data_root: parameters decide which values are valid (other_values, resize_labels)
+    params = {k: v for k, v in dataset.get_params().items() if k != "data_root"}
+    key = stable_hash({"content": content, "plugin": dataset.plugin_name, "params": params,
+                       "version": dataset.version})  # fmt: skip
     memo = folder / MEMO_NAME if folder is not None else None
     checked = _read(memo)
     if key in checked:
         return False
     n = len(dataset)
-    name = getattr(dataset, "plugin_name", type(dataset).__name__)
-    for index in tqdm(range(n), desc=f"checking {name} labels", unit="label", disable=not progress or n < 50):
+    for index in tqdm(
+        range(n), desc=f"checking {dataset.plugin_name} labels", unit="label", disable=not progress or n < 50
+    ):
         dataset.load_label(index)
     if memo is not None:
         try:

@@ -68,9 +68,8 @@ class Planner:
         if key not in self._data:
             dataset = self.rt.raw_dataset(entry)
             fingerprint = dataset_fingerprint(dataset, self.digests)
-            if (
-                "files" in fingerprint
-            ):  # an arrays fingerprint has decoded (and so checked) every label already
+            # an arrays fingerprint has decoded (and so checked) every label already
+            if "files" in fingerprint:
                 check_labels_once(dataset, fingerprint["content"], self.digests.folder, self.rt.progress)
             self._data[key] = fingerprint
         return self._data[key]
