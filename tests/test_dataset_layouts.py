@@ -273,3 +273,17 @@ def test_a_label_check_passed_under_other_values_void_does_not_cover_the_default
     plan_grid(grid(other_values="void"))
     with pytest.raises(DataError, match=r"img01.png' has value 7, neither one of the 3 classes"):
         plan_grid(grid())
+
+
+@pytest.mark.parametrize("suffix", [".JPG", ".jpeg"])
+def test_voc_images_under_another_jpeg_suffix_are_found(tmp_path, suffix):
+    """A VOC copy whose images were re-saved as .JPG or .jpeg: each listed image is taken under its suffix."""
+    base = write_voc(tmp_path)
+    for i in VOC_IDS:
+        (base / "JPEGImages" / f"{i}.jpg").rename(base / "JPEGImages" / f"{i}{suffix}")
+    ds = VOC2012(data_root=str(tmp_path))
+    ds.check()
+    assert ds.load_image(1).shape == (24, 32, 3)
+    (base / "JPEGImages" / f"{VOC_IDS[0]}{suffix}").unlink()
+    with pytest.raises(DataError, match=rf"{VOC_IDS[0]}.jpg"):
+        VOC2012(data_root=str(tmp_path)).check()

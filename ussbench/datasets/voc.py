@@ -61,7 +61,15 @@ class VOC2012(FileListDataset):
         if not list_file.is_file():
             raise DataError(f"VOC split list {str(list_file)!r} does not exist")
         ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-        return [(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
+        images = base / "JPEGImages"
+        files = [(i, images / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
+        if images.is_dir() and not all(image.is_file() for _, image, _ in files):
+            # a copy re-saved as .JPG / .jpeg: take each listed image under the suffix it has
+            jpegs = {p.stem: p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")}
+            files = [
+                (i, image if image.is_file() else jpegs.get(i, image), label) for i, image, label in files
+            ]
+        return files
 
     def check(self) -> None:
         """Every listed image and label must exist (named by the error), before their sizes are compared."""
