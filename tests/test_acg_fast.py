@@ -117,6 +117,19 @@ def test_max_intensity_torch_path_is_the_same_in_any_chunking():
     assert h_all[1, :, 17:].abs().max() == 0 and h_all[1, :, :17].abs().max() > 0
 
 
+def test_max_intensity_torch_path_takes_bf16_assignments():
+    """Assignments computed under bf16 autocast (a GPU run) with a float32 graph: H comes back in bf16, close
+    to the float32 result (the scatter used to refuse the float32 source)."""
+    g = torch.Generator().manual_seed(9)
+    graph = _modularity.modularity_graph(torch.randn(2, 19, 8, generator=g))
+    St = torch.rand(2, 3, 19, generator=g)
+    q, h = _modularity._max_intensity_torch(St.bfloat16(), graph)
+    q_ref, h_ref = _modularity._max_intensity_torch(St.bfloat16().float(), graph)
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.float(), h_ref, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(q.float(), q_ref, atol=2e-3, rtol=2e-2)
+
+
 def test_modularity_from_a_precomputed_graph_matches_the_loss():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 15, 6, generator=g)

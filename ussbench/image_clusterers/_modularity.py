@@ -120,7 +120,7 @@ def _max_intensity_torch(
         q[start : start + step] = (g * best).sum((1, 2))
         s_j = S.gather(1, arg)  # (b, P, P): S_{arg_ij, j}
         # H_{arg_ij, i} += G_ij S_{j, arg_ij}, built as H^T (b, P, N)
-        Ht = S.new_zeros(S.shape[0], P, N).scatter_add_(2, arg, g * s_j)
+        Ht = S.new_zeros(S.shape[0], P, N).scatter_add_(2, arg, (g * s_j).to(S.dtype))
         H[start : start + step] = Ht.transpose(1, 2)
     return q, H
 
