@@ -271,7 +271,7 @@ def test_a_label_check_passed_under_other_values_void_does_not_cover_the_default
                                    dataset_clusterers=["kmeans"], protocol={"panels": 0}))  # fmt: skip
 
     plan_grid(grid(other_values="void"))
-    with pytest.raises(DataError, match=r"img01.png' has value 7, neither one of the 3 classes"):
+    with pytest.raises(DataError, match=r"img01.png' has value 7; it is neither one of the 3 classes"):
         plan_grid(grid())
 
 

@@ -93,7 +93,7 @@ def test_folder_label_out_of_range(tmp_path, toy_root):
     dropping that class from the score: it is an error naming the file and value, unless other_values: void."""
     Image.fromarray(np.full((48, 64), 7, dtype=np.uint8), mode="L").save(toy_root / "labels" / "img01.png")
     ds = ImageMaskFolder(num_classes=3, root=str(toy_root))
-    with pytest.raises(DataError, match=r"img01.png' has value 7, neither one of the 3 classes \(values 0..2\) nor "
+    with pytest.raises(DataError, match=r"img01.png' has value 7; it is neither one of the 3 classes \(values 0..2\) nor "
                                         r"ignore_index 255; .*other_values: void"):  # fmt: skip
         ds.load_label(1)
     assert ds.load_label(0).max() == 2  # a file with only classes and 255 reads as before

@@ -155,23 +155,21 @@ def identity_table(n_classes: int, size: int = 256) -> np.ndarray:
     return table
 
 
-def remap(raw: np.ndarray, table: np.ndarray, path: Path) -> np.ndarray:
-    """Map raw label values through a lookup table (-1 = ignore); values outside the table fail clearly."""
-    if raw.size and (raw.min() < 0 or raw.max() >= len(table)):
-        raise DataError(f"label file {str(path)!r} has value {int(raw.max())} outside 0..{len(table) - 1}")
-    return table[raw]
+REFUSED = -2  # a lookup-table entry for a raw value the dataset never uses: reading it is an error
 
 
-def lookup_byte_labels(
+def remap(
     raw: np.ndarray, table: np.ndarray, path: Path, what: str = "label file", valid: str | None = None
 ) -> np.ndarray:
-    """Map raw 0..255 label values through a 256-entry table; entries -2 (values the dataset never uses) fail."""
-    if raw.size and (raw.min() < 0 or raw.max() > 255):
-        raise DataError(f"{what} {str(path)!r} has values outside 0..255")
+    """Map raw label values through a lookup table (-1 = ignore). Values outside the table, and values whose
+    entry is REFUSED, are a DataError naming the file and the value (``valid`` says which values are valid)."""
+    if raw.size and (raw.min() < 0 or raw.max() >= len(table)):
+        raise DataError(f"{what} {str(path)!r} has value {int(raw.max())} outside 0..{len(table) - 1}")
     label = table[raw]
-    if valid is not None and (label == -2).any():
-        bad = int(raw[label == -2][0])
-        raise DataError(f"{what} {str(path)!r} has value {bad}; {valid}")
+    refused = label == REFUSED
+    if refused.any():
+        bad = int(raw[refused][0])
+        raise DataError(f"{what} {str(path)!r} has value {bad}; {valid or 'the dataset never uses it'}")
     return label
 
 

@@ -17,9 +17,9 @@ from ..registry import register
 from ._common import (
     FileListDataset,
     FileTriple,
-    lookup_byte_labels,
     no_images_error,
     read_label_png,
+    remap,
     resolve_root,
 )
 from ._lists import check_count
@@ -116,4 +116,4 @@ class Cityscapes27(FileListDataset):
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
-        return self._fit_label(lookup_byte_labels(read_label_png(path), self._table, path), index)
+        return self._fit_label(remap(read_label_png(path), self._table, path), index)

@@ -19,7 +19,7 @@ import numpy as np
 from ..base import Dataset
 from ..errors import ConfigError, DataError
 from ..registry import register
-from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
+from ._common import FileListDataset, FileTriple, read_label_png, remap, resolve_root
 from ._lists import check_count, check_listed_files, read_list
 
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "cocostuff_fine_to_coarse.csv"
@@ -124,6 +124,4 @@ class CocoStuff27(FileListDataset):
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
         valid = "COCO-Stuff uses 0..181 and 255"
-        return self._fit_label(
-            lookup_byte_labels(read_label_png(path), self._table, path, valid=valid), index
-        )
+        return self._fit_label(remap(read_label_png(path), self._table, path, valid=valid), index)

@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..registry import register
 from ._common import (
+    REFUSED,
     FileListDataset,
     FileTriple,
     nearby_data_root,
@@ -17,8 +18,6 @@ from ._common import (
     remap,
     resolve_root,
 )
-
-REFUSED = -2  # a table entry for a value that is neither a class nor ignore_index (other_values: error)
 
 
 def class_table(num_classes: int, ignore_index: int, other: int = -1) -> np.ndarray:
@@ -88,16 +87,10 @@ class ImageMaskFolder(FileListDataset):
 
     def load_label(self, index: int) -> np.ndarray:
         path = self._files()[index][2]
-        raw = read_label_png(path)
-        label = remap(raw, self._table, path)
-        refused = label == REFUSED
-        if refused.any():
-            raise DataError(
-                f"label file {str(path)!r} has value {int(raw[refused].max())}, neither one of the "
-                f"{self.num_classes} classes ({self._class_values()}) nor ignore_index {self.ignore_index}; set "
-                "num_classes / ignore_index to match the labels, or other_values: void to ignore such values"
-            )
-        return self._fit_label(label, index)
+        valid = (f"it is neither one of the {self.num_classes} classes ({self._class_values()}) nor ignore_index "
+                 f"{self.ignore_index}; set num_classes / ignore_index to match the labels, or other_values: void "
+                 "to ignore such values")  # fmt: skip
+        return self._fit_label(remap(read_label_png(path), self._table, path, valid=valid), index)
 
     def _class_values(self) -> str:
         """The raw values that are classes, e.g. "values 0..2" or "values 0..3 without 1"."""

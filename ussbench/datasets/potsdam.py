@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..registry import register
-from ._common import FileListDataset, FileTriple, lookup_byte_labels, resolve_root
+from ._common import FileListDataset, FileTriple, remap, resolve_root
 from ._lists import check_listed_files, read_list
 
 POTSDAM3_CLASSES = ["roads and cars", "buildings and clutter", "trees and vegetation"]
@@ -122,7 +122,7 @@ class Potsdam3(FileListDataset):
             raw = raw[:, :, 0]
         if raw.ndim != 2:
             raise DataError(f"label {str(path)!r} must be (H, W), got shape {raw.shape}")
-        label = lookup_byte_labels(raw, self._table, path, "label", "Potsdam uses 0..5 and 255")
+        label = remap(raw, self._table, path, "label", "Potsdam uses 0..5 and 255")
         return self._fit_label(label, index, self.load_image(index).shape[:2])
 
     def header_sizes(self, index: int) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from ..base import Dataset
 from ..errors import DataError
 from ..registry import register
-from ._common import FileListDataset, FileTriple, lookup_byte_labels, read_label_png, resolve_root
+from ._common import FileListDataset, FileTriple, read_label_png, remap, resolve_root
 from ._lists import check_listed_files
 
 VOC_CLASSES = [
@@ -88,5 +88,5 @@ class VOC2012(FileListDataset):
         if not path.is_file():
             raise DataError(f"VOC label {str(path)!r} does not exist")
         valid = "VOC labels hold palette indices 0..20 and 255; use the original SegmentationClass PNGs"
-        label = lookup_byte_labels(read_label_png(path), self._table, path, valid=valid)
+        label = remap(read_label_png(path), self._table, path, valid=valid)
         return self._fit_label(label, index)
