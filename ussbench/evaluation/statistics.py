@@ -51,8 +51,7 @@ METHOD = (
     "(the same draws for every row of a dataset, so comparisons are paired), recomputes the cluster-to-class "
     "match on the resampled counts, and averages the row's seeds drawn with replacement (nested); "
     "{level:.0%} basic (centred) intervals around the full-split score (truncated to [0, 100]); Δ p-values "
-    "two-sided from the centred "
-    "paired replicates"
+    "two-sided from the centred paired replicates"
 )
 
 

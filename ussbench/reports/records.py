@@ -79,12 +79,13 @@ def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[
     """Cell-like records from a results table (what :func:`tables.results_frame` flattened)."""
     grid_protocol = {**DEFAULT_PROTOCOL, **((run.get("grid") or {}).get("protocol") or {})}
     cells = []
+    built: dict[str, tuple[str, ...] | None] = {}  # dataset entry -> its plugin's class names
     for rec in results.to_dict("records"):
         rec = {k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))}
         params = json.loads(rec.pop("params", "{}") or "{}")
         per_class = json.loads(rec.pop("per_class_iou", "{}") or "{}")
         class_names = json.loads(rec.pop("class_names", "") or "null") or dataset_class_names(
-            params.get("dataset"), per_class
+            params.get("dataset"), per_class, built
         )
         protocol = json.loads(rec.pop("protocol", "null") or "null") or grid_protocol
         names = json.loads(rec.pop("stage_names", "null") or "null") or {
@@ -116,22 +117,34 @@ def cells_from_results(results: pd.DataFrame, run: dict[str, Any]) -> list[dict[
     return cells
 
 
-def dataset_class_names(dataset: dict[str, Any] | None, per_class: dict[str, Any]) -> list[str] | None:
+def dataset_class_names(
+    dataset: dict[str, Any] | None, per_class: dict[str, Any], built: dict[str, tuple[str, ...] | None]
+) -> list[str] | None:
     """The class order of a results row that predates the ``class_names`` column: the dataset plugin's own list,
     built from the row's recorded parameters (constructors read no files), when it names exactly the row's
-    per-class IoU keys; None where the plugin is unknown, fails to build, or names other classes."""
-    from .. import registry
-
+    per-class IoU keys; None where the plugin is unknown, fails to build, or names other classes. ``built``
+    holds the lists already built for one table (its rows repeat a few dataset entries)."""
     if not isinstance(dataset, dict) or not dataset.get("name"):
         return None
+    key = json.dumps(dataset, sort_keys=True, default=str)
+    if key not in built:
+        built[key] = _plugin_class_names(dataset)
+    names = built[key]
+    return list(names) if names and len(names) == len(per_class) and set(names) == set(per_class) else None
+
+
+def _plugin_class_names(dataset: dict[str, Any]) -> tuple[str, ...] | None:
+    """The class names of the dataset plugin a recorded entry ({name, params, preset}) builds; None where it
+    cannot be built."""
+    from .. import registry
+
     try:
         spec = registry.get("dataset", dataset["name"])
         params = registry.resolve_params(spec, dataset.get("params") or {}, dataset.get("preset"))
-        names = list(registry.instantiate(spec, params).class_names)
+        return tuple(registry.instantiate(spec, params).class_names)
     except Exception as exc:  # a user plugin no longer installed, or one whose constructor reads files
         log.debug("class order of %s unknown: %s", dataset.get("name"), exc)
         return None
-    return names if len(names) == len(per_class) and set(names) == set(per_class) else None
 
 
 def collect_per_image_counts(
